@@ -1,0 +1,163 @@
+"""Model registry: every architecture is created by name (``create_model("seed-a")``).
+
+Every model exposes ``features(x)`` (the penultimate representation, used by out-of-distribution detection)
+and ``head`` (the final linear layer), so ``forward(x) == head(features(x))``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {}
+
+
+def register(name: str, description: str):
+    def wrap(fn):
+        _REGISTRY[name] = (fn, description)
+        return fn
+
+    return wrap
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
+    model = _REGISTRY[name][0](num_classes=num_classes, **kwargs)
+    model.arch_name = name
+    return model
+
+
+def model_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def describe(name: str) -> str:
+    return _REGISTRY[name][1]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters plus BatchNorm running statistics.
+
+    This is the Keras convention (its summary counts BN's moving mean/variance as non-trainable
+    parameters), so seed A's "1,630,474" compares like with like.
+    """
+    n = sum(p.numel() for p in model.parameters())
+    n += sum(b.numel() for name, b in model.named_buffers() if b.is_floating_point())
+    return n
+
+
+class Classifier(nn.Module):
+    """A feature extractor followed by one linear head."""
+
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.feature_dim = feature_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+# --- the seeds' models, reproduced -------------------------------------------------------------------------
+
+
+@register("seed-a", "seed A: 2 x [conv3x3-ReLU-BN-maxpool] (32, 64), dense 512, dropout 0.5")
+def seed_a(num_classes: int = 10) -> nn.Module:
+    body = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 512), nn.ReLU(), nn.Dropout(0.5),
+    )
+    return Classifier(body, 512, num_classes)
+
+
+@register("seed-b-mlp", "seed B dense net: 784-256-128-10")
+def seed_b_mlp(num_classes: int = 10) -> nn.Module:
+    body = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+    return Classifier(body, 128, num_classes)
+
+
+@register("seed-b-cnn", "seed B CNN: 3 x [conv3x3-ReLU-maxpool-dropout 0.25] (32, 64, 128), dense 128")
+def seed_b_cnn(num_classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = []
+    c_in = 1
+    for c in (32, 64, 128):
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25)]
+        c_in = c
+    # 28 -> 14 -> 7 -> 3 (floor), as Keras's default 'valid' pooling does
+    layers += [nn.Flatten(), nn.Linear(128 * 3 * 3, 128), nn.ReLU(), nn.Dropout(0.5)]
+    return Classifier(nn.Sequential(*layers), 128, num_classes)
+
+
+# --- fast models for the CPU -------------------------------------------------------------------------------
+
+
+def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.block = nn.Sequential(conv_bn(c, c), conv_bn(c, c))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class GlobalPool(nn.Module):
+    """Concatenated global max and average pooling, flattened."""
+
+    def forward(self, x):
+        return torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1)
+
+
+def resnet9(widths=(16, 32, 64, 128), num_classes: int = 10) -> nn.Module:
+    """ResNet-9 in the style of the fast CIFAR-10 trainers, sized for 28x28 inputs.
+
+    prep conv at 28x28, then three stages that each halve the resolution (28 -> 14 -> 7 -> 3); the first and
+    last stages carry a residual block. Most compute happens at low resolution, which keeps CPU steps cheap.
+    """
+    c0, c1, c2, c3 = widths
+    body = nn.Sequential(
+        conv_bn(1, c0),
+        conv_bn(c0, c1), nn.MaxPool2d(2), Residual(c1),
+        conv_bn(c1, c2), nn.MaxPool2d(2),
+        conv_bn(c2, c3), nn.MaxPool2d(2), Residual(c3),
+        GlobalPool(),
+    )
+    return Classifier(body, 2 * c3, num_classes)
+
+
+def vgg_small(widths=(16, 32, 64), num_classes: int = 10) -> nn.Module:
+    """Three stages of [conv-BN-ReLU x2, maxpool], then global pooling: few parameters, strong on 28x28."""
+    layers: list[nn.Module] = []
+    c_in = 1
+    for i, c in enumerate(widths):
+        layers += [conv_bn(c_in, c), conv_bn(c, c)]
+        if i < len(widths) - 1:
+            layers.append(nn.MaxPool2d(2))
+        c_in = c
+    layers.append(GlobalPool())
+    return Classifier(nn.Sequential(*layers), 2 * widths[-1], num_classes)
+
+
+@register("tiny", "under 100k parameters: 3 x [conv-BN-ReLU x2] (16, 32, 64), global max+avg pool")
+def tiny(num_classes: int = 10) -> nn.Module:
+    return vgg_small((16, 32, 64), num_classes)
+
+
+@register("resnet9-s", "compact ResNet-9, widths 16/32/64/128 (the default)")
+def resnet9_s(num_classes: int = 10) -> nn.Module:
+    return resnet9((16, 32, 64, 128), num_classes)
+
+
+@register("resnet9-m", "ResNet-9, widths 32/64/128/256 (the best preset)")
+def resnet9_m(num_classes: int = 10) -> nn.Module:
+    return resnet9((32, 64, 128, 256), num_classes)

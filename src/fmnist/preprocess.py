@@ -1,0 +1,354 @@
+"""The one preprocessing function, shared by training, evaluation, prediction and the server.
+
+Preprocessing is *data*: a small JSON-able dict (``spec``) saved in ``model.json`` with the weights, so a
+model always sees its inputs prepared exactly as in training.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Mean and std of the 60,000 official training images scaled to [0, 1].
+DEFAULT_SPEC = {"size": 28, "mean": 0.2860, "std": 0.3530}
+
+
+def make_spec(mean: float = DEFAULT_SPEC["mean"], std: float = DEFAULT_SPEC["std"]) -> dict:
+    return {"size": 28, "mean": float(mean), "std": float(std)}
+
+
+def preprocess(x, spec: dict | None = None) -> torch.Tensor:
+    """Turn images into the float tensor a model takes: shape (N, 1, 28, 28), normalised.
+
+    ``x`` is either a batch already in the data set's format (uint8 array/tensor of shape (N, 28, 28) or
+    (28, 28), light garment on black) or a single user image (PIL image, or any other array), which first goes
+    through :func:`to_dataset_format`.
+    """
+    spec = spec or DEFAULT_SPEC
+    if not _is_dataset_format(x):
+        x = to_dataset_format(x)
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.ndim == 2:
+        t = t.unsqueeze(0)
+    t = t.to(torch.float32).div_(255.0)
+    return t.sub_(spec["mean"]).div_(spec["std"]).unsqueeze(1)
+
+
+def _is_dataset_format(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.dtype == torch.uint8 and tuple(x.shape[-2:]) == (28, 28) and x.ndim in (2, 3)
+    if isinstance(x, np.ndarray):
+        return x.dtype == np.uint8 and x.shape[-2:] == (28, 28) and x.ndim in (2, 3)
+    return False
+
+
+def to_dataset_format(image) -> np.ndarray:
+    """Bring an arbitrary image to the data set's format: uint8 (28, 28), light garment on black.
+
+    ``image`` is a PIL image of any mode (``RGB``, ``RGBA``, ``LA``, ``P`` with transparency, ``I;16``/``I``,
+    ``CMYK``, ``1``, ``F``, ...) or a numpy array (``(H, W)``, ``(H, W, 1|2|3|4)``; uint8, uint16, other
+    integers, bool or float in [0, 1] or [0, 255]). Typical inputs are shop photos and phone pictures: a dark
+    or coloured garment on a light background, any size and aspect, off-centre. The steps, in order:
+
+    1. first frame, EXIF orientation, transparency composited onto a background that contrasts with the
+       opaque content (white behind a dark garment, black behind a light one; a fully transparent image is
+       blank), then 8-bit-range luminance (ITU-R 601, as Pillow's ``L``);
+    2. background = median of the border pixels; if the object is darker than the background (the usual
+       product photo) the image is inverted so the garment is light on black;
+    3. the background level is subtracted and the image cropped to the bounding box of the pixels that
+       stand out of the background noise (isolated specks ignored; if there is no object the whole image
+       is kept, minus the noise level, and not amplified, so it comes out black or nearly so);
+    4. resized with Lanczos (area-averaging when shrinking) so the LONGEST side is 28 px and centred on a
+       28x28 black canvas, the way Fashion-MNIST was made (measured on the test set: 98% of its images
+       touch two opposite edges, and an odd-sized object sits half a pixel right/down of centre);
+    5. contrast stretched so the brightest object pixels reach 255 (every Fashion-MNIST image has its
+       maximum at 254 or 255).
+
+    An image already in the data set's format (uint8 28x28, dark border, bright object filling the frame,
+    see :func:`_looks_like_dataset`) is returned unchanged, bit for bit; this also holds after a lossless
+    round trip through an ``L``/``RGB``/``RGBA`` PNG.
+    """
+    gray, alpha = _planes(image)
+    if alpha is not None:
+        gray = _composite(gray, alpha)
+        if gray is None:  # nothing opaque: blank
+            return np.zeros((_SIZE, _SIZE), np.uint8)
+
+    if gray.shape == (_SIZE, _SIZE):
+        q = np.rint(gray)
+        if np.abs(q - gray).max() < 1e-3 and q.min() >= 0 and q.max() <= 255:
+            q = q.astype(np.uint8)
+            if _looks_like_dataset(q):
+                return q
+
+    gray = _shrink(gray, _WORK_SIZE)
+    h, w = gray.shape
+
+    # 2. background level and polarity
+    bg, noise = _background(_border_pixels(gray))
+    thr = max(_FG_MIN_LEVEL, _FG_NOISE_K * noise)
+    diff = gray - bg
+    fg = np.abs(diff) > thr
+    invert = bool(diff[fg].sum() < 0) if fg.any() else bg > 127.5
+    if invert:
+        diff = -diff
+
+    # 3. subtract the background, crop to the object
+    d = np.clip(diff, 0.0, None)
+    box = _object_box(d > thr)
+    if box is None:  # no object (or only specks): keep the whole frame, only what stands out of the noise
+        return _frame(np.clip(d - thr, 0.0, None), stretch=False)
+    top, bottom, left, right = box
+    return _frame(d[top:bottom, left:right], stretch=True)
+
+
+def is_blank(img28: np.ndarray, min_std: float = 8.0, min_pixels: int = 12, level: int = 32) -> bool:
+    """True if a data-set-format image (after :func:`to_dataset_format`) shows nothing to classify.
+
+    Blank means near-uniform (standard deviation below ``min_std``: all black, all white, a flat grey, faint
+    noise) or almost empty (fewer than ``min_pixels`` pixels at or above ``level``: a speck, a dot, a thin
+    scratch). Calibrated on the official images so that none of the 70,000 is flagged: the smallest standard
+    deviation is 18.1 in the test set (16.5 in the training set) and the smallest count of pixels >= 32 is
+    42 (22), so the defaults leave a margin of about 2x.
+    """
+    a = np.asarray(img28, dtype=np.float64)
+    if a.size == 0:
+        return True
+    if float(a.std()) < min_std:
+        return True
+    return int((a >= level).sum()) < min_pixels
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers of to_dataset_format
+
+_SIZE = 28
+_WORK_SIZE = 1024  # images are first reduced (area average) to at most this many pixels on a side
+_FG_MIN_LEVEL = 10.0  # a pixel is "object" if it differs from the background by more than this (0-255)...
+_FG_NOISE_K = 4.0  # ...and by more than this many robust standard deviations of the border
+_SPECK_FRACTION = 0.05  # an object whose longest side is below this fraction of the image's is a speck
+_STRETCH_PERCENTILE = 99.8  # percentile of the 28x28 result mapped to 255
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def _looks_like_dataset(a: np.ndarray) -> bool:
+    """uint8 28x28 with a dark background, a bright maximum and an object spanning (nearly) the whole frame.
+
+    "Dark background": the border's median is dark, or (bags and pullovers that fill the frame) at least
+    two of the four 3x3 corners are. Holds for all 70,000 official images (maxima >= 254, longest side of
+    the non-zero pixels' bounding box >= 26); a photo shrunk to 28x28 (light background) does not qualify.
+    """
+    if a.dtype != np.uint8 or a.shape != (_SIZE, _SIZE) or a.max() < 200:
+        return False
+    if np.median(_border_pixels(a)) > 127:
+        corners = [a[:3, :3], a[:3, -3:], a[-3:, :3], a[-3:, -3:]]
+        if sum(float(c.mean()) < 64 for c in corners) < 2:
+            return False
+    rows = np.flatnonzero(a.any(axis=1))
+    cols = np.flatnonzero(a.any(axis=0))
+    return max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= 24
+
+
+def _planes(image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image -> (luminance float64 (H, W) in [0, 255], alpha float64 in [0, 1] or None)."""
+    from PIL import Image, ImageOps
+
+    if isinstance(image, Image.Image):
+        if getattr(image, "n_frames", 1) > 1 and image.tell() != 0:
+            image.seek(0)
+        try:
+            image = ImageOps.exif_transpose(image) or image
+        except Exception:  # noqa: BLE001 - a malformed EXIF block must not reject the image
+            pass
+        mode = image.mode
+        if mode in ("I", "F") or mode.startswith("I;16"):
+            return _array_planes(np.asarray(image))
+        has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info
+        if has_alpha:
+            if mode == "La":
+                image = image.convert("LA")
+            elif mode not in ("RGBA", "LA"):
+                image = image.convert("RGBA")  # applies a palette's / tRNS transparency
+            image = image.convert("LA")  # Pillow's ITU-R 601 luma, alpha kept
+        elif mode != "L":
+            if mode not in ("1", "P", "RGB"):
+                try:  # CMYK, YCbCr, LAB, HSV, RGBX...: through RGB
+                    image = image.convert("RGB")
+                except (ValueError, OSError):
+                    pass
+            image = image.convert("L")
+        image = _shrink_pil(image, _WORK_SIZE)
+        return _array_planes(np.asarray(image))
+    if hasattr(image, "detach") and hasattr(image, "cpu"):  # torch tensor
+        image = image.detach().cpu().numpy()
+    return _array_planes(np.asarray(image))
+
+
+def _shrink_pil(image, limit: int):
+    """Integer-factor box reduction of a large PIL image (fast, premultiplies alpha)."""
+    factor = -(-max(image.size) // limit)
+    if factor <= 1:
+        return image
+    if image.mode == "LA":
+        return image.convert("La").reduce(factor).convert("LA")
+    return image.reduce(factor)
+
+
+def _array_planes(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    from .images import ImageError
+
+    if a.dtype == object or np.iscomplexobj(a) or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise ImageError(f"unsupported image array dtype {a.dtype}")
+    while a.ndim > 2 and a.shape[0] == 1:  # (1, H, W), (1, H, W, C)
+        a = a[0]
+    if a.ndim == 3 and a.shape[-1] not in (1, 2, 3, 4) and a.shape[0] in (1, 2, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # channels first (C, H, W)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (2, 3, 4)) or 0 in a.shape:
+        raise ImageError(f"expected an image array of shape (H, W) or (H, W, 1|2|3|4), got {a.shape}")
+    if a.ndim == 2:
+        colour, alpha = a, None
+    elif a.shape[-1] in (2, 4):
+        colour, alpha = a[..., :-1], a[..., -1]
+    else:
+        colour, alpha = a, None
+    colour = _scale_to_255(colour)
+    if colour.ndim == 3:
+        colour = colour[..., 0] if colour.shape[-1] == 1 else colour @ _LUMA
+    if alpha is not None:
+        alpha = _scale_alpha(alpha)
+    return colour, alpha
+
+
+def _scale_to_255(a: np.ndarray) -> np.ndarray:
+    """Pixel values of any dtype -> float64 in [0, 255]."""
+    if a.dtype == np.uint8:
+        return a.astype(np.float64)
+    if a.dtype == bool:
+        return a.astype(np.float64) * 255.0
+    f = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(f.min()), float(f.max())
+    if np.issubdtype(a.dtype, np.floating):
+        if lo >= 0.0 and hi <= 1.0:
+            return f * 255.0
+        if lo >= 0.0 and hi <= 255.0:
+            return f
+    elif lo >= 0:  # integers (uint16 / I;16, int32 / I, ...)
+        if hi <= 255:
+            return f
+        if hi <= 65535:
+            return f / 257.0
+    # anything else (negative values, 32-bit ranges): map min..max to 0..255
+    return (f - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(f)
+
+
+def _scale_alpha(a: np.ndarray) -> np.ndarray:
+    f = np.nan_to_num(a.astype(np.float64), nan=1.0)
+    if a.dtype == np.uint8:
+        f /= 255.0
+    elif a.dtype == bool:
+        pass
+    elif np.issubdtype(a.dtype, np.integer):
+        f /= 65535.0 if f.max() > 255 else 255.0
+    elif f.max() > 1.0:
+        f /= 255.0
+    return np.clip(f, 0.0, 1.0)
+
+
+def _composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray | None:
+    """Flatten transparency onto white behind dark content, black behind light; None if nothing is opaque."""
+    if alpha.min() >= 1.0:
+        return gray
+    weight = float(alpha.sum())
+    if alpha.max() < 0.02 or weight < 1e-6:
+        return None
+    content = float((gray * alpha).sum()) / weight
+    background = 255.0 if content < 127.5 else 0.0
+    return gray * alpha + background * (1.0 - alpha)
+
+
+def _shrink(a: np.ndarray, limit: int) -> np.ndarray:
+    """Box-average a large array by an integer factor so its longest side is at most ``limit``."""
+    factor = -(-max(a.shape) // limit)
+    if factor <= 1:
+        return a
+    h, w = (a.shape[0] // factor) * factor, (a.shape[1] // factor) * factor
+    if h == 0 or w == 0:
+        return a
+    return a[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+
+
+def _background(border: np.ndarray) -> tuple[float, float]:
+    """Background level and its noise (robust standard deviation) from the border pixels.
+
+    Usually the border is all background and its median is the answer. When the object crosses the border
+    (a tight crop: a garment covering most of the edge of the photo), the border holds two clusters, and
+    the median may be the garment; then the background is the *flatter* cluster (paper, wall, studio
+    backdrop), the garment being the textured one, and on a tie the larger one.
+    """
+    med = float(np.median(border))
+    lo, hi = (float(v) for v in np.percentile(border, [5, 95]))
+    bg = med
+    if hi - lo > 2 * _FG_MIN_LEVEL:
+        mid = (lo + hi) / 2
+        clusters = [c for c in (border[border <= mid], border[border > mid]) if c.size >= 0.1 * border.size]
+        if len(clusters) == 2:
+            spreads = [float(np.median(np.abs(c - np.median(c)))) + 1.0 for c in clusters]
+            if max(spreads) > 1.5 * min(spreads):
+                pick = int(np.argmin(spreads))
+            else:
+                pick = int(np.argmax([c.size for c in clusters]))
+            bg = float(np.median(clusters[pick]))
+    near = border[np.abs(border - bg) <= 4 * _FG_MIN_LEVEL]
+    noise = 1.4826 * float(np.median(np.abs(near - bg))) if near.size else 0.0
+    return bg, noise
+
+
+def _border_pixels(a: np.ndarray) -> np.ndarray:
+    """The outer ring of the image, about 2% of its shorter side thick (at least one pixel)."""
+    k = max(1, int(round(0.02 * min(a.shape))))
+    return np.concatenate([a[:k].ravel(), a[-k:].ravel(), a[k:-k, :k].ravel(), a[k:-k, -k:].ravel()])
+
+
+def _object_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Bounding box (top, bottom, left, right) of the object in ``mask``; None if none or only specks."""
+    from PIL import Image, ImageFilter
+
+    h, w = mask.shape
+    if min(h, w) >= 3 * _SIZE:  # remove isolated 1-2 px specks (sensor/JPEG noise, dust)
+        m = Image.fromarray(mask.astype(np.uint8) * 255)
+        mask = np.asarray(m.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))) > 0
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    if max(bottom - top, right - left) < max(3.0, _SPECK_FRACTION * max(h, w)):
+        return None
+    return top, bottom, left, right
+
+
+def _frame(obj: np.ndarray, stretch: bool) -> np.ndarray:
+    """Resize so the longest side is 28, centre on a black 28x28 canvas, optionally stretch to 255.
+
+    The scale is the same along both axes (28 / longest side); the shorter side becomes a whole number of
+    pixels by sampling a window centred on the object, so the aspect ratio is kept exactly.
+    """
+    from PIL import Image
+
+    h, w = obj.shape
+    scale = _SIZE / max(h, w)
+    nh, nw = max(1, min(_SIZE, round(h * scale))), max(1, min(_SIZE, round(w * scale)))
+    margin = int(np.ceil(0.5 / scale)) + 2
+    padded = np.pad(obj.astype(np.float32), margin)
+    cy, cx = margin + h / 2, margin + w / 2
+    hy, hx = nh / (2 * scale), nw / (2 * scale)
+    small = Image.fromarray(padded).resize((nw, nh), Image.LANCZOS, box=(cx - hx, cy - hy, cx + hx, cy + hy))
+    out = np.zeros((_SIZE, _SIZE), np.float64)
+    top, left = (_SIZE - nh + 1) // 2, (_SIZE - nw + 1) // 2  # odd sizes: half a pixel down/right
+    out[top:top + nh, left:left + nw] = np.clip(np.asarray(small, dtype=np.float64), 0.0, None)
+    if stretch:
+        peak = float(np.percentile(out, _STRETCH_PERCENTILE))
+        if peak > 0:
+            out *= 255.0 / peak
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
