@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import shutil
 import sys
@@ -194,10 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check the model and inputs, print no predictions")
 
     sub.add_parser("models", help="list architectures and parameter counts", formatter_class=Formatter)
+    for name in ("train", "evaluate", "predict", "models"):
+        sub.choices[name].set_defaults(func=globals()[f"cmd_{name}"])
+    for module in COMMAND_MODULES:
+        # Each module adds its own subcommands with set_defaults(func=...); heavy imports stay inside func.
+        importlib.import_module(module).register(sub, Formatter)
     return parser
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models}
+# Modules that add subcommands of their own (serve, calibrate, ood-eval, report, compare, bench).
+COMMAND_MODULES: list[str] = []
 
 
 def main(argv=None) -> int:
@@ -206,7 +213,7 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except (DataError, CheckpointError, ValueError) as e:
         print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -292,13 +292,15 @@ def _background(border: np.ndarray) -> tuple[float, float]:
     if hi - lo > 2 * _FG_MIN_LEVEL:
         mid = (lo + hi) / 2
         clusters = [c for c in (border[border <= mid], border[border > mid]) if c.size >= 0.1 * border.size]
-        if len(clusters) == 2:
-            spreads = [float(np.median(np.abs(c - np.median(c)))) + 1.0 for c in clusters]
+        centres = [float(np.median(c)) for c in clusters]
+        spreads = [float(np.median(np.abs(c - m))) + 1.0 for c, m in zip(clusters, centres)]
+        # two well separated clusters (a lighting gradient is one spread-out cluster: keep the median)
+        if len(clusters) == 2 and abs(centres[1] - centres[0]) > 3 * sum(spreads):
             if max(spreads) > 1.5 * min(spreads):
                 pick = int(np.argmin(spreads))
             else:
                 pick = int(np.argmax([c.size for c in clusters]))
-            bg = float(np.median(clusters[pick]))
+            bg = centres[pick]
     near = border[np.abs(border - bg) <= 4 * _FG_MIN_LEVEL]
     noise = 1.4826 * float(np.median(np.abs(near - bg))) if near.size else 0.0
     return bg, noise

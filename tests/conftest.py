@@ -1,0 +1,44 @@
+"""Shared fixtures: small synthetic data that a model can learn in seconds, and a tiny trained run folder."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fmnist.data import FashionMNIST
+
+
+def make_synthetic(n_train: int = 1200, n_test: int = 300, seed: int = 0) -> FashionMNIST:
+    """Ten learnable classes: class k is a bright rectangle of a class-specific size, jittered, with noise."""
+    rng = np.random.default_rng(seed)
+
+    def images(n):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        x = rng.integers(0, 20, size=(n, 28, 28)).astype(np.int32)
+        for i, k in enumerate(labels):
+            h, w = 6 + 2 * (k % 5), 8 + 8 * (k // 5)
+            top = 14 - h // 2 + rng.integers(-2, 3)
+            left = 14 - w // 2 + rng.integers(-2, 3)
+            x[i, top:top + h, left:left + w] += rng.integers(150, 236)
+        return torch.from_numpy(np.clip(x, 0, 255).astype(np.uint8)), torch.from_numpy(labels.astype(np.int64))
+
+    tr_x, tr_y = images(n_train)
+    te_x, te_y = images(n_test)
+    return FashionMNIST(tr_x, tr_y, te_x, te_y, source="synthetic", checksums={})
+
+
+@pytest.fixture(scope="session")
+def synthetic_data() -> FashionMNIST:
+    return make_synthetic()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, synthetic_data):
+    """A 'tiny' model trained for 4 epochs on the synthetic data (a few seconds on one thread)."""
+    from fmnist.train import resolve_config, train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = resolve_config("fast", time_budget=0, epochs=4, lr=0.05, batch_size=64, val_size=200, threads=1, seed=0)
+    train(cfg, out=out, data=synthetic_data, quiet=True)
+    return out
