@@ -52,8 +52,10 @@ def to_dataset_format(image) -> np.ndarray:
     1. first frame, EXIF orientation, transparency composited onto a background that contrasts with the
        opaque content (white behind a dark garment, black behind a light one; a fully transparent image is
        blank), then 8-bit-range luminance (ITU-R 601, as Pillow's ``L``);
-    2. background = median of the border pixels; if the object is darker than the background (the usual
-       product photo) the image is inverted so the garment is light on black;
+    2. background level from the border pixels (their median; when the garment crosses the edge of a
+       tightly cropped photo, the flatter of the two clusters there, see :func:`_background`); if the
+       pixels that stand out of it are darker overall (the usual product photo: dark garment on light
+       paper) the image is inverted so the garment is light on black;
     3. the background level is subtracted and the image cropped to the bounding box of the pixels that
        stand out of the background noise (isolated specks ignored; if there is no object the whole image
        is kept, minus the noise level, and not amplified, so it comes out black or nearly so);
@@ -81,7 +83,6 @@ def to_dataset_format(image) -> np.ndarray:
                 return q
 
     gray = _shrink(gray, _WORK_SIZE)
-    h, w = gray.shape
 
     # 2. background level and polarity
     bg, noise = _background(_border_pixels(gray))

@@ -47,7 +47,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0                # 0 = physical cores
     precision: str = "auto"         # auto | fp32 | bf16 | fp16
-    channels_last: bool = False
+    channels_last: bool = True     # NHWC: 1.5-2x faster convolutions on CPU (oneDNN)
     device: str = "auto"
     subset: int = 0                 # use only this many training images (quick experiments); 0 = all
     data_dir: str | None = None
@@ -188,7 +188,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
           on_epoch_end=None, quiet: bool = False, max_steps: int = 0) -> dict:
     """Train and write a run folder; returns a summary dict.
 
-    ``data`` is a FashionMNIST (tests pass their own); ``max_steps`` > 0 stops after that many steps (--dry-run).
+    ``data`` is a FashionMNIST (tests pass their own); ``max_steps`` > 0 stops after that many steps (--dry-run);
+    ``on_epoch_end(epoch, row)`` is called after each epoch's files are written and may return True to stop.
     """
     from fmnist.data import load_fashion_mnist, stratified_split
 
@@ -328,8 +329,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
         if cfg.patience and epoch - best["epoch"] >= cfg.patience:
             say(f"early stop: no improvement of {cfg.select} for {cfg.patience} epochs")
             stop = True
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
+        if on_epoch_end is not None and on_epoch_end(epoch, row):
+            stop = True  # the caller asked to stop (e.g. a benchmark that reached its target)
 
     train_seconds = elapsed()
     summary = {"run": str(out), "best_epoch": best["epoch"], "epochs": epoch, "train_seconds": train_seconds,
