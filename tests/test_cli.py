@@ -89,9 +89,6 @@ def subparser(name: str):
     return build_parser()._subparsers._group_actions[0].choices[name]
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py: help texts that state their own default also get argparse's: "
-                   "train --data-dir (TRAIN_HELP + the appended default), and, through "
-                   "ArgumentDefaultsHelpFormatter, evaluate --tta/--data-dir, predict --threshold")
 @pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
 def test_help_states_each_default_once(command):
     parser = subparser(command)
@@ -176,8 +173,6 @@ def test_predict_bad_files_are_reported_and_the_rest_go_on(run, tmp_path, capsys
     assert "missing.png" in lines[1]["error"]
 
 
-@pytest.mark.xfail(strict=True, reason="cli.cmd_predict catches only ImageError/ValueError; a bad IDX file "
-                   "raises DataError, which ends the command with exit 2 and skips the other files")
 def test_predict_bad_idx_file_is_reported_and_the_rest_go_on(run, tmp_path, capsys, garment):
     good = png(tmp_path / "good.png", garment[0])
     bad = tmp_path / "bad.idx"
@@ -207,8 +202,6 @@ def test_not_a_run_folder_exits_2_with_a_message(tmp_path, capsys, command, data
         assert "Traceback" not in captured.err and json_lines(captured.out) == []
 
 
-@pytest.mark.xfail(strict=True, reason="cli.cmd_train ignores --no-verify (and --data-dir) with --resume: "
-                   "train() reloads the data with verify=True, so a run on unofficial data cannot resume")
 def test_resume_from_the_cli_on_unverified_data(tmp_path, capsys, data_dir):
     out = tmp_path / "run"
     cfg = resolve_config("fast", model="seed-b-mlp", time_budget=0, epochs=2, batch_size=64, val_size=100,

@@ -173,9 +173,6 @@ def test_info_describes_the_model(tmp_path, trained_run):
     json.dumps(info)
 
 
-@pytest.mark.xfail(strict=True, reason="predict.py Predictor.to_image28: a uint8 28x28 array skips "
-                   "to_dataset_format (the _is_dataset_format shortcut), so a dark garment on white given "
-                   "as an array reaches the model un-inverted, unlike the same pixels as PIL, PNG or a file")
 def test_light_background_array_is_prepared_like_the_same_pil_image(predictor, images):
     photo_like = 255 - images[0]  # dark object on a white background, already 28x28
     as_array = predictor.to_image28(photo_like)

@@ -245,9 +245,6 @@ def test_no_validation_set_keeps_the_last_epoch(tmp_path, small_data):
     assert load_model(tmp_path / "run")[1]["best_epoch"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="train.py: with --val-size 0 the val figures are float('nan'), which "
-                   "write_json stores as the bare token NaN: model.json and train_summary.json are then not "
-                   "valid JSON (JSON.parse and strict parsers reject them)")
 def test_no_validation_set_writes_valid_json(tmp_path, small_data):
     train(config(val_size=0, epochs=1), out=tmp_path / "run", data=small_data, quiet=True)
     for name in ("model.json", "train_summary.json"):

@@ -43,7 +43,7 @@ def _atomic(path: Path, write) -> None:
 def write_json(path, obj) -> None:
     def w(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
+            json.dump(obj, f, indent=2, allow_nan=False)  # NaN is not JSON: browsers and servers reject it
             f.write("\n")
 
     _atomic(Path(path), w)

@@ -14,7 +14,12 @@ from fmnist.train import DEFAULT_PRESET, PRESETS, TrainConfig
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Appends '(default: X)' to each flag's help, unless the help already states its default."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _flag(name: str) -> str:
@@ -44,7 +49,7 @@ TRAIN_HELP = {
     "precision": "auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and on CPUs with native bf16)",
     "device": "auto, cpu or cuda",
     "subset": "train on only this many images (quick experiments; 0 = all)",
-    "data_dir": "folder holding the four IDX files (default: search, see README)",
+    "data_dir": "folder holding the four IDX files (default: search: FMNIST_DATA, Debian's folder, the cache)",
 }
 
 
@@ -67,8 +72,9 @@ def _add_train(sub) -> None:
                            help=f"{'mirrored test-time augmentation' if f.name == 'tta' else 'channels_last memory format'}"
                                 f" (default: {default[f.name]})")
             continue
-        p.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, metavar=f.name.upper(),
-                       help=f"{help_text} (default: {default[f.name]})")
+        if "(default" not in help_text:
+            help_text += f" (default: {default[f.name]})"
+        p.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
     p.add_argument("--out", default=None, help="run folder (default: runs/DATE-PRESET-sSEED)")
     p.add_argument("--resume", default=None, metavar="RUN", help="continue an interrupted run from RUN/last.pt")
     p.add_argument("--no-verify", action="store_true", help="accept IDX files whose checksums are not the official ones")
@@ -80,7 +86,11 @@ def cmd_train(args) -> int:
     from fmnist.train import resolve_config, train
 
     if args.resume:
-        summary = train(None, resume=args.resume)
+        from fmnist.checkpoint import read_json
+
+        saved = read_json(Path(args.resume) / "config.json")
+        data = load_fashion_mnist(args.data_dir or saved.get("data_dir"), verify=not args.no_verify)
+        train(None, data=data, resume=args.resume)
         return 0
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
     overrides = {k: getattr(args, k) for k in fields}
@@ -138,26 +148,28 @@ def _expand_inputs(files):
 
 
 def cmd_predict(args) -> int:
+    from fmnist.data import DataError
     from fmnist.images import ImageError
     from fmnist.predict import Predictor
 
     predictor = Predictor.from_run(args.run, confidence_threshold=args.threshold, top_k=args.top_k)
-    failures = 0
+    failures = total = 0
     for name, item in _expand_inputs(args.files):
+        total += 1
         try:
             if isinstance(item, Exception):
                 raise item
             if isinstance(item, Path) and not item.is_file():
                 raise ImageError(f"{item}: no such file")
             result = predictor.predict(item)
-        except (ImageError, ValueError) as e:
+        except (ImageError, DataError, ValueError) as e:
             failures += 1
             print(json.dumps({"file": name, "error": str(e)}), flush=True)
             continue
         if not args.dry_run:
             print(json.dumps({"file": name, **result}), flush=True)
     if args.dry_run:
-        print(f"dry run ok: {len(args.files)} input(s) readable, {failures} failed")
+        print(f"dry run ok: {total - failures} of {total} image(s) readable, {failures} failed")
     return 1 if failures else 0
 
 
@@ -180,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("--tta", default=None, action=argparse.BooleanOptionalAction,
                    help="mirrored test-time augmentation (default: as the run was trained)")
-    p.add_argument("--data-dir", default=None, help="folder holding the IDX files (default: search)")
+    p.add_argument("--data-dir", default=None, help="folder holding the IDX files (default: search, see README)")
     p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = physical cores)")
     p.add_argument("--dry-run", action="store_true", help="evaluate 256 images, write nothing")
@@ -204,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add subcommands of their own (serve, calibrate, ood-eval, report, compare, bench).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["fmnist.report"]
 
 
 def main(argv=None) -> int:

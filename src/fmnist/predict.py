@@ -18,7 +18,7 @@ import torch
 from fmnist.checkpoint import load_model, read_json
 from fmnist.evaluate import batched_logits
 from fmnist.images import decode_image
-from fmnist.preprocess import _is_dataset_format, is_blank, preprocess, to_dataset_format
+from fmnist.preprocess import is_blank, preprocess, to_dataset_format
 
 DEFAULT_CONFIDENCE = 0.60  # seed B's threshold
 
@@ -73,8 +73,8 @@ class Predictor:
             item = decode_image(bytes(item) if isinstance(item, bytearray) else item)
         if isinstance(item, torch.Tensor):
             item = item.detach().cpu().numpy()
-        if _is_dataset_format(item) and np.asarray(item).ndim == 2:
-            return np.asarray(item)
+        # to_dataset_format returns an image already in the data set's format unchanged, bit for bit; any other
+        # array (a dark garment on white, say) is prepared exactly as the same pixels sent as a PNG would be.
         return to_dataset_format(item)
 
     # --- prediction ----------------------------------------------------------------------------------------

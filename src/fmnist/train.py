@@ -177,11 +177,12 @@ def default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.preset or cfg.model}-s{cfg.seed}"
 
 
-def _log(msg: str, log_file) -> None:
-    print(msg, flush=True)
-    if log_file is not None:
-        log_file.write(msg + "\n")
-        log_file.flush()
+def _log(msg: str, log_path: Path, echo: bool = True) -> None:
+    """Print a line and append it to the run's train.log (opened per line: nothing left open on interrupt)."""
+    if echo:
+        print(msg, flush=True)
+    with open(log_path, "a") as f:
+        f.write(msg + "\n")
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: str | Path | None = None,
@@ -243,8 +244,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
     env = runtime.environment(device)
     env["precision"] = precision
     write_json(out / "env.json", env)
-    log_file = open(out / "train.log", "a")
-    say = (lambda m: None) if quiet else (lambda m: _log(m, log_file))
+    def say(msg: str) -> None:
+        _log(msg, out / "train.log", echo=not quiet)
 
     n = len(x_train)
     steps_per_epoch = max(1, n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0))
@@ -264,7 +265,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
         return time.monotonic() - t_loop
 
     def progress() -> float:
-        return elapsed() / budget if budget else step / total_steps
+        # The step about to run counts as done, so the first step of a warm-up does not run at lr 0.
+        return elapsed() / budget if budget else (step + 1) / total_steps
 
     epoch = start_epoch
     stop = False
@@ -305,8 +307,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
         epoch += 1
         eval_model = ema.model if ema is not None else model
         val_logits = batched_logits(eval_model, x_val, tta=cfg.tta, device=device, precision=precision)
-        val_loss = float(F.cross_entropy(val_logits, y_val)) if len(y_val) else float("nan")
-        val_acc = float((val_logits.argmax(1) == y_val).double().mean()) if len(y_val) else float("nan")
+        # No validation set (--val-size 0): no figures (None, not NaN, which JSON cannot hold); keep the last epoch.
+        val_loss = float(F.cross_entropy(val_logits, y_val)) if len(y_val) else None
+        val_acc = float((val_logits.argmax(1) == y_val).double().mean()) if len(y_val) else None
         row = {"epoch": epoch, "step": step, "train_loss": float(loss_sum) / max(seen, 1),
                "train_acc": float(correct) / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
                "lr": lr, "seconds": time.monotonic() - t_epoch, "elapsed": elapsed()}
@@ -316,9 +319,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
         if improved:
             best = {"epoch": epoch, "value": value}
             save_model(out, eval_model, _model_meta(cfg, data, row, best, spec))
+        val_text = f"val loss {val_loss:.4f} acc {100 * val_acc:.2f}%" if len(y_val) else "no validation set"
         say(f"epoch {epoch:3d}{'' if budget else '/' + str(cfg.epochs)}  train loss {row['train_loss']:.4f} "
-            f"acc {100 * row['train_acc']:.2f}%  val loss {val_loss:.4f} acc {100 * val_acc:.2f}%  lr {lr:.2e}  "
-            f"{row['seconds']:.1f}s{'  *' if improved else ''}")
+            f"acc {100 * row['train_acc']:.2f}%  {val_text}  lr {lr:.2e}  {row['seconds']:.1f}s{'  *' if improved else ''}")
         _write_history(out / "history.csv", history)
         save_state(out / "last.pt", {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -336,10 +339,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
     summary = {"run": str(out), "best_epoch": best["epoch"], "epochs": epoch, "train_seconds": train_seconds,
                "wall_seconds": time.monotonic() - t_start,
                "best": history[best["epoch"] - 1] if best["epoch"] else None}
-    say(f"kept epoch {best['epoch']} ({cfg.select} {best['value']:.4f}); training took {train_seconds:.1f} s; "
-        f"model in {out}/model.safetensors")
+    kept = f"{cfg.select} {best['value']:.4f}" if best["value"] is not None else "no validation set"
+    say(f"kept epoch {best['epoch']} ({kept}); training took {train_seconds:.1f} s; model in {out}/model.safetensors")
     write_json(out / "train_summary.json", summary)
-    log_file.close()
     _link_latest(out)
     return summary
 
