@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add subcommands of their own (serve, calibrate, ood-eval, report, compare, bench).
-COMMAND_MODULES: list[str] = ["fmnist.report"]
+COMMAND_MODULES: list[str] = ["fmnist.report", "fmnist.serve.cli"]
 
 
 def main(argv=None) -> int:
@@ -229,6 +230,10 @@ def main(argv=None) -> int:
     except (DataError, CheckpointError, ValueError) as e:
         print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted" + ("; continue with --resume RUN" if args.command == "train" else ""),
               file=sys.stderr)
