@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     pkgs="dataset-fashion-mnist"
-    [ "$DEV" = 1 ] && pkgs="$pkgs chromium chromium-driver fonts-dejavu-core"
+    [ "$DEV" = 1 ] && pkgs="$pkgs chromium chromium-driver fonts-dejavu-core fonts-liberation"
     missing=""
     for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
     if [ -n "$missing" ]; then
@@ -29,6 +29,6 @@ PIP=".venv/bin/python -m pip"
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
     || $PIP install -q "torch==2.13.0"
 extras="serve,report"
-[ "$DEV" = 1 ] && extras="$extras,test"
+[ "$DEV" = 1 ] && extras="$extras,ood,test"
 $PIP install -q -e ".[$extras]"
 echo "setup: ready ($(.venv/bin/python -c 'import torch, fmnist; print("fmnist", fmnist.__version__, "torch", torch.__version__)'))"

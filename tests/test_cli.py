@@ -70,13 +70,14 @@ def test_models_lists_every_name_with_its_count(capsys):
     assert "1,630,474" in out  # seed A, as Keras counts it
 
 
-def test_train_help_states_defaults(capsys):
+def test_train_help_states_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # no wrapping inside hyphenated names such as resnet-lite
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    for text in ("--batch-size", "--time-budget", "--label-smoothing", "--preset", "(default: resnet9-s)",
-                 "(default: 0.2)", "(default: 170)"):
+    for text in ("--batch-size", "--time-budget", "--label-smoothing", "--preset", "(default: resnet-lite)",
+                 "(default: 0.2)", "(default: 165)"):
         assert text in out, f"train --help lacks {text!r}"
     for action in subparser("train")._actions:
         if not action.option_strings or action.nargs == 0 or "--resume" in action.option_strings:
@@ -108,7 +109,7 @@ def test_train_dry_run_writes_nothing(tmp_path, monkeypatch, capsys, data_dir):
                  "--batch-size", "32", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "dry run ok: resnet9-s" in out and "nothing written" in out
+    assert "dry run ok: resnet-lite" in out and "nothing written" in out
     assert f"run {scratch}/fmnist-dry-run-" in out  # it trained in a temporary folder
     assert list(cwd.iterdir()) == []
     assert [p for p in scratch.iterdir() if p.name.startswith("fmnist")] == []  # the temporary run is gone

@@ -6,7 +6,7 @@ import torch
 
 from fmnist.models import count_parameters, create_model, describe, model_names
 
-ALL_MODELS = ["seed-a", "seed-b-mlp", "seed-b-cnn", "tiny", "resnet9-s", "resnet9-m"]
+ALL_MODELS = ["seed-a", "seed-b-mlp", "seed-b-cnn", "tiny", "resnet-lite", "resnet9-s", "resnet9-m"]
 
 
 @pytest.fixture(autouse=True)

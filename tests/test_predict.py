@@ -51,7 +51,7 @@ def png_bytes(img: np.ndarray) -> bytes:
 def check_result(r: dict, predictor: Predictor, k: int = 3) -> None:
     assert KEYS <= set(r)
     assert isinstance(r["label"], str) and isinstance(r["class_id"], int) and isinstance(r["score"], float)
-    assert isinstance(r["accepted"], bool) and r["reason"] in (None, "blank", "low_confidence")
+    assert isinstance(r["accepted"], bool) and r["reason"] in (None, "blank", "out_of_distribution", "low_confidence")
     assert r["accepted"] == (r["reason"] is None)
     assert r["label"] == predictor.class_names[r["class_id"]]
     assert 0.0 <= r["score"] <= 1.0
@@ -69,7 +69,7 @@ def check_result(r: dict, predictor: Predictor, k: int = 3) -> None:
 def test_load_returns_a_predictor(trained_run, predictor):
     assert isinstance(predictor, Predictor)
     assert predictor.class_names == list(fmnist.CLASS_NAMES)
-    assert predictor.confidence_threshold == DEFAULT_CONFIDENCE
+    assert predictor.confidence_threshold == DEFAULT_CONFIDENCE  # seed B's 0.60, with or without an OOD detector
 
 
 def test_every_input_kind_gives_the_same_answer(tmp_path, predictor, images):
@@ -101,12 +101,11 @@ def test_blank_image_is_refused(predictor):
 
 
 def test_low_confidence_is_refused(trained_run, images):
-    strict = fmnist.load(trained_run, confidence_threshold=0.999)
+    strict = fmnist.load(trained_run, confidence_threshold=1.01, ood_threshold=float("inf"))  # nothing reaches it
     r = strict.predict(images[0])
     check_result(r, strict)
-    assert r["score"] < 0.999  # label smoothing keeps the tiny model's scores below this
     assert r["accepted"] is False and r["reason"] == "low_confidence"
-    lenient = fmnist.load(trained_run, confidence_threshold=0.0)
+    lenient = fmnist.load(trained_run, confidence_threshold=0.0, ood_threshold=float("inf"))
     assert lenient.predict(images[0])["accepted"] is True
 
 
@@ -148,8 +147,9 @@ def test_undecodable_bytes_raise_image_error(predictor):
 
 def test_calibration_temperature_softens_scores(tmp_path, trained_run, images):
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=FRESH)
-    plain = fmnist.load(run).probabilities(images)
     meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "calibration": {"temperature": 1.0}}))  # train calibrates
+    plain = fmnist.load(run).probabilities(images)
     meta["calibration"] = {"temperature": 2.0}
     meta["thresholds"] = {"confidence": 0.42}
     (run / "model.json").write_text(json.dumps(meta))
@@ -166,7 +166,7 @@ def test_info_describes_the_model(tmp_path, trained_run):
     assert info["model"] == "tiny" and info["class_names"] == list(fmnist.CLASS_NAMES)
     assert info["parameters"] > 0 and info["test"] is None
     assert set(info["validation"]) == {"train_loss", "train_acc", "val_loss", "val_acc"}
-    assert info["thresholds"] == {"confidence": DEFAULT_CONFIDENCE}
+    assert info["thresholds"]["confidence"] == DEFAULT_CONFIDENCE and info["thresholds"]["ood"] > 0
     (run / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "loss": 0.3, "n": 300, "tta": True}))
     info = fmnist.load(run).info()
     assert info["test"]["accuracy"] == 0.9 and info["test"]["n"] == 300

@@ -45,7 +45,12 @@ def noisy_data(synthetic_data):
 @pytest.fixture(scope="module")
 def report(trained_run, noisy_data, tmp_path_factory) -> Path:
     """The report of an uncalibrated run without metrics.json, built once for the module."""
-    run = Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("report") / "run"))
+    run = Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("report") / "run",
+                               ignore=shutil.ignore_patterns("metrics.json", "ood.safetensors")))
+    meta = json.loads((run / "model.json").read_text())  # training calibrates and fits OOD: undo both here
+    meta.pop("calibration", None)
+    meta.pop("ood", None)
+    (run / "model.json").write_text(json.dumps(meta))
     return build_report(run, data=noisy_data, threads=1)
 
 

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add subcommands of their own (serve, calibrate, ood-eval, report, compare, bench).
-COMMAND_MODULES: list[str] = ["fmnist.report", "fmnist.serve.cli"]
+COMMAND_MODULES: list[str] = ["fmnist.report", "fmnist.serve.cli", "fmnist.trust_cli"]
 
 
 def main(argv=None) -> int:

@@ -153,11 +153,25 @@ def tiny(num_classes: int = 10) -> nn.Module:
     return vgg_small((16, 32, 64), num_classes)
 
 
-@register("resnet9-s", "compact ResNet-9, widths 16/32/64/128 (the default)")
+@register("resnet-lite", "residual CNN that halves the resolution first: 24 @28, res 32 @14, res 64 @7, 128 @3 (the default)")
+def resnet_lite(num_classes: int = 10) -> nn.Module:
+    """A residual CNN sized for a CPU without fast matrix units: one cheap conv at full resolution, then
+    residual stages at 14x14 and 7x7, where almost all of the compute and parameters sit."""
+    body = nn.Sequential(
+        conv_bn(1, 24), nn.MaxPool2d(2),
+        conv_bn(24, 32), Residual(32), nn.MaxPool2d(2),
+        conv_bn(32, 64), Residual(64), nn.MaxPool2d(2),
+        conv_bn(64, 128),
+        GlobalPool(),
+    )
+    return Classifier(body, 256, num_classes)
+
+
+@register("resnet9-s", "compact ResNet-9, widths 16/32/64/128 (the best preset)")
 def resnet9_s(num_classes: int = 10) -> nn.Module:
     return resnet9((16, 32, 64, 128), num_classes)
 
 
-@register("resnet9-m", "ResNet-9, widths 32/64/128/256 (the best preset)")
+@register("resnet9-m", "ResNet-9, widths 32/64/128/256 (for GPUs or long CPU runs)")
 def resnet9_m(num_classes: int = 10) -> nn.Module:
     return resnet9((32, 64, 128, 256), num_classes)

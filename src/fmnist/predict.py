@@ -2,10 +2,12 @@
 
 ``fmnist.load(run_dir).predict(image)`` returns one plain dict per image::
 
-    {"label", "class_id", "score", "accepted", "reason", "top_k": [{"label", "score"}, ...]}
+    {"label", "class_id", "score", "accepted", "reason", "ood_score", "top_k": [{"label", "score"}, ...]}
 
-``label``/``score`` are the best guess even when ``accepted`` is false; ``reason`` says why an answer is refused
-("blank", "low_confidence", ...). Scores are calibrated probabilities when the run holds a temperature.
+``label``/``score`` are the best guess even when ``accepted`` is false; ``reason`` says why an answer is refused:
+"blank", "out_of_distribution" (``ood_score`` above the run's OOD threshold: not a garment as the data set
+shows them) or "low_confidence". Scores are calibrated probabilities when the run holds a temperature;
+``ood_score`` is None for a run without an OOD detector (see :mod:`fmnist.ood`; `fmnist calibrate RUN` adds one).
 """
 from __future__ import annotations
 
@@ -16,16 +18,18 @@ import numpy as np
 import torch
 
 from fmnist.checkpoint import load_model, read_json
-from fmnist.evaluate import batched_logits
 from fmnist.images import decode_image
+from fmnist.ood import Detector, features_and_logits, pixels01
 from fmnist.preprocess import is_blank, preprocess, to_dataset_format
 
-DEFAULT_CONFIDENCE = 0.60  # seed B's threshold
+# Seed B's threshold. Scores are calibrated, so an answer under 0.60 is wrong about 40 % of the time or more:
+# the user is told the model is not sure. (The OOD detector, not this gate, tells garments from other images.)
+DEFAULT_CONFIDENCE = 0.60
 
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, meta: dict, run_dir: Path | None = None,
-                 confidence_threshold: float | None = None, top_k: int = 3):
+                 confidence_threshold: float | None = None, top_k: int = 3, ood_threshold: float | None = None):
         self.model = model.eval()
         self.meta = meta
         self.run_dir = run_dir
@@ -33,14 +37,18 @@ class Predictor:
         self.spec = meta["preprocessing"]
         self.tta = bool(meta.get("tta", False))
         self.temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
+        self.top_k = max(1, min(top_k, len(self.class_names)))
+        self.device = next(model.parameters()).device
+        # Loaded once here (small tensors), never per call.
+        self.detector = Detector.load(run_dir, meta) if run_dir is not None else None
         thresholds = meta.get("thresholds", {})
         self.confidence_threshold = (confidence_threshold if confidence_threshold is not None
                                      else float(thresholds.get("confidence", DEFAULT_CONFIDENCE)))
-        self.top_k = max(1, min(top_k, len(self.class_names)))
-        self.device = next(model.parameters()).device
+        self.ood_threshold = (None if self.detector is None else
+                              float(ood_threshold) if ood_threshold is not None else self.detector.threshold)
 
     @classmethod
-    def from_run(cls, run_dir, device: str = "cpu", **kwargs) -> "Predictor":
+    def from_run(cls, run_dir, device: str = "cpu", **kwargs) -> Predictor:
         model, meta = load_model(run_dir, map_location=device)
         return cls(model, meta, Path(run_dir), **kwargs)
 
@@ -58,8 +66,12 @@ class Predictor:
             "class_names": self.class_names,
             "validation": self.meta.get("metrics"),
             "test": test,
-            "thresholds": {"confidence": self.confidence_threshold},
+            "thresholds": {"confidence": self.confidence_threshold, "ood": self.ood_threshold},
             "temperature": self.temperature,
+            "calibration": self.meta.get("calibration"),
+            "ood": None if self.detector is None else {
+                k: self.detector.config.get(k) for k in ("method", "parts", "threshold", "target_accept",
+                                                         "val_accept")},
             "tta": self.tta,
             "recipe": self.meta.get("recipe"),
         }
@@ -79,11 +91,26 @@ class Predictor:
 
     # --- prediction ----------------------------------------------------------------------------------------
 
+    def analyse(self, images28: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(calibrated class probabilities, OOD scores or None) for a uint8 (N, 28, 28) batch.
+
+        One forward pass gives both the logits and the features the detector needs (mirrored TTA as trained).
+        """
+        images28 = np.ascontiguousarray(images28)
+        x = preprocess(images28, self.spec)
+        probs, ood = [], []
+        for i in range(0, len(x), 256):
+            feats, logits = features_and_logits(self.model, x[i:i + 256], tta=self.tta, device=self.device)
+            probs.append(torch.softmax(logits / self.temperature, dim=1))
+            if self.detector is not None:
+                ood.append(self.detector.score(feats, pixels01(images28[i:i + 256])))
+        if not probs:
+            return torch.empty(0, len(self.class_names)), None
+        return torch.cat(probs), (torch.cat(ood) if ood else None)
+
     def probabilities(self, images28: np.ndarray) -> torch.Tensor:
         """Calibrated class probabilities for a uint8 (N, 28, 28) batch."""
-        x = preprocess(np.ascontiguousarray(images28), self.spec)
-        logits = batched_logits(self.model, x, batch_size=256, tta=self.tta, device=self.device)
-        return torch.softmax(logits / self.temperature, dim=1)
+        return self.analyse(images28)[0]
 
     def predict(self, item, return_image: bool = False) -> dict:
         return self.predict_batch([item], return_image=return_image)[0]
@@ -93,24 +120,32 @@ class Predictor:
         if not images:
             return []
         batch = np.stack(images)
-        probs = self.probabilities(batch)
-        return [self._result(img, p, return_image) for img, p in zip(batch, probs)]
+        probs, ood = self.analyse(batch)
+        ood = [None] * len(batch) if ood is None else [float(s) for s in ood]
+        return [self._result(img, p, s, return_image) for img, p, s in zip(batch, probs, ood)]
 
-    def _result(self, img: np.ndarray, p: torch.Tensor, return_image: bool) -> dict:
+    def reason(self, img: np.ndarray, score: float, ood_score: float | None) -> str | None:
+        """Why an answer is refused (None: accepted). Order: nothing to see, not a garment, not sure which."""
+        if is_blank(img):
+            return "blank"
+        if ood_score is not None and ood_score > self.ood_threshold:
+            return "out_of_distribution"
+        if score < self.confidence_threshold:
+            return "low_confidence"
+        return None
+
+    def _result(self, img: np.ndarray, p: torch.Tensor, ood_score: float | None, return_image: bool) -> dict:
         scores, ids = p.topk(self.top_k)
         best = int(ids[0])
         score = float(scores[0])
-        reason = None
-        if is_blank(img):
-            reason = "blank"
-        elif score < self.confidence_threshold:
-            reason = "low_confidence"
+        reason = self.reason(img, score, ood_score)
         out = {
             "label": self.class_names[best],
             "class_id": best,
             "score": score,
             "accepted": reason is None,
             "reason": reason,
+            "ood_score": ood_score,
             "top_k": [{"label": self.class_names[int(i)], "score": float(s)} for s, i in zip(scores, ids)],
         }
         if return_image:

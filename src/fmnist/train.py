@@ -60,13 +60,14 @@ PRESETS: dict[str, dict] = {
                    weight_decay=0.0, label_smoothing=0.0, augment="flip", tta=False, select="val_loss",
                    precision="fp32"),
     "seed-b-mlp": dict(model="seed-b-mlp", optimizer="adam", lr=1e-3, batch_size=32, epochs=20, schedule="constant",
-                       weight_decay=0.0, label_smoothing=0.0, augment="none", tta=False, select="val_loss"),
+                       weight_decay=0.0, label_smoothing=0.0, augment="none", tta=False, select="val_acc"),
     "seed-b-cnn": dict(model="seed-b-cnn", optimizer="adam", lr=1e-3, batch_size=64, epochs=20, schedule="constant",
                        weight_decay=0.0, label_smoothing=0.0, augment="none", tta=False, select="val_loss"),
     # Fast recipes for a 2-core CPU: time-budgeted, so the learning-rate schedule always completes.
-    "fast": dict(model="tiny", time_budget=55, select="val_acc"),
-    "default": dict(model="resnet9-s", time_budget=170, select="val_acc"),
-    "best": dict(model="resnet9-m", time_budget=870, augment="flip,crop,erase", select="val_acc"),
+    # Budgets leave a few seconds for loading data and fitting calibration/OOD at the end.
+    "fast": dict(model="tiny", time_budget=50, select="val_acc"),
+    "default": dict(model="resnet-lite", time_budget=165, select="val_acc"),
+    "best": dict(model="resnet9-s", time_budget=860, augment="flip,crop,erase", select="val_acc"),
     "tiny": dict(model="tiny", time_budget=290, select="val_acc"),
 }
 DEFAULT_PRESET = "default"
@@ -341,6 +342,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
                "best": history[best["epoch"] - 1] if best["epoch"] else None}
     kept = f"{cfg.select} {best['value']:.4f}" if best["value"] is not None else "no validation set"
     say(f"kept epoch {best['epoch']} ({kept}); training took {train_seconds:.1f} s; model in {out}/model.safetensors")
+    # Temperature and OOD detector of the kept model, stored with it.
+    from fmnist.trust import describe, fit_trust
+    summary["trust"] = fit_trust(out, data, train_idx, val_idx, device=device)
+    say(describe(summary["trust"]))
     write_json(out / "train_summary.json", summary)
     _link_latest(out)
     return summary

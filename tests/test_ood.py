@@ -1,0 +1,216 @@
+"""Out-of-distribution detection: scores, threshold, storage, the public API's refusals and `fmnist ood-eval`."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_synthetic
+
+import fmnist
+from fmnist import ood_sets
+from fmnist.checkpoint import CheckpointError
+from fmnist.ood import PARTS, Detector, auroc, features_and_logits, fpr_at_tpr, pixels01
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # module scope: set before the module's fixtures fit anything
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def id_data():
+    """Synthetic garments (pixels) with class-dependent Gaussian 'features': train / validation / held-out."""
+    d = make_synthetic(n_train=6000, n_test=3000, seed=7)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 32, generator=g) * 3
+    images = torch.cat([d.train_images, d.test_images])
+    labels = torch.cat([d.train_labels, d.test_labels])
+    feats = centres[labels] + torch.randn(len(labels), 32, generator=g)
+    parts = {"train": slice(0, 3000), "val": slice(3000, 6000), "held_out": slice(6000, 9000)}
+    return {k: (feats[s], labels[s], pixels01(images[s])) for k, s in parts.items()}
+
+
+@pytest.fixture(scope="module")
+def detector(id_data):
+    (tf, tl, tp), (vf, _, vp) = id_data["train"], id_data["val"]
+    return Detector.fit(tf, tl, tp, vf, vp, num_classes=10, target_accept=0.95)
+
+
+def test_auroc_and_fpr_on_known_scores():
+    genuine = torch.arange(100.0)
+    assert auroc(genuine, genuine + 1000) == 1.0
+    assert auroc(genuine + 1000, genuine) == 0.0
+    assert auroc(genuine, genuine.clone()) == pytest.approx(0.5)  # ties count half
+    assert fpr_at_tpr(genuine, torch.tensor([10.0, 50.0, 96.0, 99.0])) == 0.5  # threshold at 94.05
+
+
+def test_threshold_accepts_the_target_on_held_out_data(detector, id_data):
+    assert 0.95 <= detector.config["val_accept"] <= 0.96  # the target plus a small safety margin
+    feats, _, pixels = id_data["held_out"]
+    accepted = (detector.score(feats, pixels) <= detector.threshold).double().mean().item()
+    assert abs(accepted - 0.95) <= 0.01
+
+
+def test_noise_and_turned_images_score_above_genuine(detector, id_data):
+    feats, _, pixels = id_data["held_out"]
+    genuine = detector.score(feats, pixels)
+    rng = np.random.default_rng(0)
+    noise = pixels01(ood_sets.uniform_noise(200, rng))
+    noise_feats = torch.randn(200, 32) * 3  # features nowhere near a class centre
+    assert auroc(genuine, detector.score(noise_feats, noise)) > 0.99
+    # Turned garments keep their features here: only the pixel views (orientation, stats) can see the turn.
+    # (Some synthetic garments are squares, the same turned: a perfect score is impossible.)
+    turned = torch.rot90(pixels, 1, (1, 2))
+    assert auroc(genuine, detector.score(feats, turned)) > 0.9
+
+
+def test_detector_save_and_load_give_identical_scores(tmp_path, detector, id_data):
+    config = detector.save(tmp_path)
+    json.dumps(config)  # the JSON part goes into model.json
+    loaded = Detector.load(tmp_path, {"ood": config})
+    feats, _, pixels = (t[:300] for t in id_data["held_out"])
+    assert loaded.threshold == detector.threshold and loaded.parts == detector.parts
+    torch.testing.assert_close(loaded.score(feats, pixels), detector.score(feats, pixels))
+    assert Detector.load(tmp_path, {}) is None  # no "ood" in model.json: no detector
+    broken = dict(config, standardise={})
+    with pytest.raises(CheckpointError, match="calibrate"):
+        Detector.load(tmp_path, {"ood": broken})
+
+
+def test_every_optional_part_fits_scores_and_reloads(tmp_path, id_data):
+    (tf, tl, tp), (vf, _, vp) = (tuple(t[:1000] for t in id_data[k]) for k in ("train", "val"))
+    det = Detector.fit(tf, tl, tp, vf, vp, 10, parts=PARTS)
+    loaded = Detector.load(tmp_path, {"ood": det.save(tmp_path)})
+    feats, _, pixels = (t[:200] for t in id_data["held_out"])
+    scores = loaded.part_scores(feats, pixels)
+    assert list(scores) == list(PARTS)
+    assert all(s.shape == (200,) and torch.isfinite(s).all() for s in scores.values())
+    torch.testing.assert_close(loaded.score(feats, pixels), det.score(feats, pixels))
+
+
+def test_unknown_part_and_bad_target_are_clear_errors(id_data):
+    (tf, tl, tp), (vf, _, vp) = id_data["train"], id_data["val"]
+    with pytest.raises(ValueError, match="unknown OOD score"):
+        Detector.fit(tf, tl, tp, vf, vp, 10, parts=["energy"])
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        Detector.fit(tf, tl, tp, vf, vp, 10, target_accept=95)
+
+
+def test_features_and_logits_match_the_models_tta_logits(trained_run, synthetic_data):
+    from fmnist.checkpoint import load_model
+    from fmnist.evaluate import batched_logits
+    from fmnist.preprocess import preprocess
+
+    model, meta = load_model(trained_run)
+    x = preprocess(synthetic_data.test_images[:64], meta["preprocessing"])
+    feats, logits = features_and_logits(model, x, tta=True)
+    assert feats.shape == (64, model.feature_dim)
+    torch.testing.assert_close(logits, batched_logits(model, x, tta=True), rtol=1e-4, atol=1e-4)
+
+
+def test_noise_is_rejected_through_the_public_api(trained_run):
+    predictor = fmnist.load(trained_run)
+    rng = np.random.default_rng(1)
+    images = list(ood_sets.uniform_noise(20, rng)) + list(ood_sets.gaussian_noise(20, rng))
+    results = predictor.predict_batch(images)
+    assert all(r["accepted"] is False for r in results)
+    refused = [r for r in results if r["reason"] != "blank"]  # noise may also be cleaned down to a blank
+    assert len(refused) >= 20
+    for r in refused:
+        assert r["reason"] == "out_of_distribution" and r["ood_score"] > predictor.ood_threshold
+        json.dumps(r)
+
+
+def test_a_run_without_detector_still_predicts(tmp_path, trained_run, synthetic_data):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    meta = json.loads((run / "model.json").read_text())
+    del meta["ood"]
+    (run / "model.json").write_text(json.dumps(meta))
+    (run / "ood.safetensors").unlink()
+    predictor = fmnist.load(run)
+    r = predictor.predict(ood_sets.uniform_noise(1, np.random.default_rng(0))[0])
+    assert r["ood_score"] is None and r["reason"] != "out_of_distribution"
+    assert predictor.info()["ood"] is None
+
+
+def test_builders_give_images_in_the_expected_form(synthetic_data):
+    rng = np.random.default_rng(0)
+    test = synthetic_data.test_images.numpy()
+    for name in ("uniform-noise", "gaussian-noise", "constant", "rotated-90", "rotated-180"):
+        imgs = ood_sets.build(name, 12, test)
+        assert imgs.shape == (12, 28, 28) and imgs.dtype == np.uint8, name
+    assert np.array_equal(ood_sets.build("rotated-180", 5, test), ood_sets.build("rotated-180", 5, test))
+    shop = ood_sets.shop_photos(test, 4, rng)
+    assert all(im.ndim == 3 and im.shape[2] == 3 and im[0, 0].mean() > 200 for im in shop)  # light background
+    with pytest.raises(ValueError, match="unknown OOD set"):
+        ood_sets.build("kittens", 3, test)
+
+
+def test_letters_need_a_font():
+    if not ood_sets.find_fonts(ood_sets.SEEN_FONTS):
+        with pytest.raises(ood_sets.MissingExtra, match="fonts-dejavu-core"):
+            ood_sets.letters(2, np.random.default_rng(0))
+        return
+    imgs = ood_sets.letters(4, np.random.default_rng(0))
+    assert all(im.dtype == np.uint8 and im.ndim == 2 and im.std() > 10 for im in imgs)
+
+
+def test_photo_and_digit_sets_use_the_optional_extras():
+    pytest.importorskip("skimage")
+    pytest.importorskip("sklearn")
+    rng = np.random.default_rng(0)
+    assert all(min(im.shape[:2]) >= 16 for im in ood_sets.photo_crops(5, rng))
+    assert ood_sets.animal(3, rng)[0].shape == (300, 451, 3)  # the whole cat photo comes first
+    assert all(im.shape in {(s, s) for s in range(32, 65, 8)} for im in ood_sets.digits(5, rng))
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory, synthetic_data):
+    from fmnist.data import write_idx
+
+    d = tmp_path_factory.mktemp("idx")
+    write_idx(d / "train-images-idx3-ubyte", synthetic_data.train_images)
+    write_idx(d / "train-labels-idx1-ubyte", synthetic_data.train_labels)
+    write_idx(d / "t10k-images-idx3-ubyte", synthetic_data.test_images)
+    write_idx(d / "t10k-labels-idx1-ubyte", synthetic_data.test_labels)
+    return d
+
+
+def run_command(argv) -> int:
+    from fmnist import trust_cli
+    from fmnist.cli import Formatter
+
+    parser = argparse.ArgumentParser(prog="fmnist")
+    trust_cli.register(parser.add_subparsers(dest="command", required=True), Formatter)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_ood_eval_prints_the_table_and_writes_json(tmp_path, trained_run, idx_dir, capsys):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    code = run_command(["ood-eval", str(run), "--data-dir", str(idx_dir), "--no-verify", "--threads", "1",
+                        "--n", "40", "--sets", "uniform-noise,rotated-90", "--by-part"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for word in ("AUROC", "FPR@95%TPR", "uniform-noise", "rotated-90", "shop-photos", "accepted per class"):
+        assert word in out
+    report = json.loads((run / "ood_eval.json").read_text())
+    noise = report["sets"]["uniform-noise"]
+    # The synthetic 'genuine' images are partly re-framed by to_image28 (their rectangles do not fill the frame),
+    # so the AUROC here is far from what a real model reaches; the refusals are what the user sees.
+    assert noise["rejected_any"] > 0.9 and noise["auroc"] > 0.75
+    assert set(noise["auroc_by_part"]) == {"knn", "orientation", "stats"}
+
+
+def test_ood_eval_refuses_a_run_without_detector(tmp_path, trained_run, idx_dir, capsys):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / "ood.safetensors").unlink()
+    code = run_command(["ood-eval", str(run), "--data-dir", str(idx_dir), "--no-verify", "--n", "5"])
+    assert code == 2 and "fmnist calibrate" in capsys.readouterr().err
