@@ -28,6 +28,17 @@ def make_synthetic(n_train: int = 1200, n_test: int = 300, seed: int = 0) -> Fas
     return FashionMNIST(tr_x, tr_y, te_x, te_y, source="synthetic", checksums={})
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests run on one thread (a shared 2-core machine: contending threads make small ops far slower).
+
+    Session scope, so module fixtures that train or fit something run on one thread too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_data() -> FashionMNIST:
     return make_synthetic()
@@ -42,3 +53,16 @@ def trained_run(tmp_path_factory, synthetic_data):
     cfg = resolve_config("fast", time_budget=0, epochs=4, lr=0.05, batch_size=64, val_size=200, threads=1, seed=0)
     train(cfg, out=out, data=synthetic_data, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def idx_dir(tmp_path_factory, synthetic_data):
+    """The synthetic data written as the four IDX files, for commands that load data themselves (--no-verify)."""
+    from fmnist.data import write_idx
+
+    d = tmp_path_factory.mktemp("idx")
+    write_idx(d / "train-images-idx3-ubyte", synthetic_data.train_images)
+    write_idx(d / "train-labels-idx1-ubyte", synthetic_data.train_labels)
+    write_idx(d / "t10k-images-idx3-ubyte", synthetic_data.test_images)
+    write_idx(d / "t10k-labels-idx1-ubyte", synthetic_data.test_labels)
+    return d

@@ -4,8 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmnist.augment import (AUGMENTATIONS, augment_batch, gaussian_noise, hflip, intensity_jitter,
-                            parse_augment, random_crop, random_erase)
+from fmnist.augment import (
+    AUGMENTATIONS,
+    augment_batch,
+    gaussian_noise,
+    hflip,
+    intensity_jitter,
+    parse_augment,
+    random_crop,
+    random_erase,
+)
 from fmnist.preprocess import make_spec, preprocess
 
 SPEC = make_spec()

@@ -1,7 +1,6 @@
 """Temperature scaling and its metrics: ECE (15 bins), NLL, Brier; the fit done by train and `fmnist calibrate`."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -17,14 +16,7 @@ from fmnist.calibrate import (
     fit_temperature,
     nll,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # module scope: set before the module's fixtures fit anything
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from fmnist.cli import main
 
 
 def overconfident(n: int = 4000, true_t: float = 2.5, seed: int = 0):
@@ -87,35 +79,13 @@ def test_train_stores_calibration_and_ood_with_the_model(trained_run):
     assert summary["trust"]["temperature"] == cal["temperature"]
 
 
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory, synthetic_data):
-    from fmnist.data import write_idx
-
-    d = tmp_path_factory.mktemp("idx")
-    write_idx(d / "train-images-idx3-ubyte", synthetic_data.train_images)
-    write_idx(d / "train-labels-idx1-ubyte", synthetic_data.train_labels)
-    write_idx(d / "t10k-images-idx3-ubyte", synthetic_data.test_images)
-    write_idx(d / "t10k-labels-idx1-ubyte", synthetic_data.test_labels)
-    return d
-
-
-def run_command(argv) -> int:
-    from fmnist import trust_cli
-    from fmnist.cli import Formatter
-
-    parser = argparse.ArgumentParser(prog="fmnist")
-    trust_cli.register(parser.add_subparsers(dest="command", required=True), Formatter)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_calibrate_command_refits_a_run_without_trust(tmp_path, trained_run, idx_dir, capsys):
     run = shutil.copytree(trained_run, tmp_path / "run")
     meta = json.loads((run / "model.json").read_text())
     del meta["calibration"], meta["ood"]  # as a run trained before calibration existed
     (run / "model.json").write_text(json.dumps(meta))
     (run / "ood.safetensors").unlink()
-    code = run_command(["calibrate", str(run), "--data-dir", str(idx_dir), "--no-verify", "--threads", "1"])
+    code = main(["calibrate", str(run), "--data-dir", str(idx_dir), "--no-verify", "--threads", "1"])
     out = capsys.readouterr().out
     assert code == 0
     assert "validation" in out and "test" in out and "ECE" in out and "Brier" in out

@@ -8,19 +8,20 @@ import pytest
 import torch
 
 from fmnist import CLASS_NAMES
-from fmnist.checkpoint import (MODEL_FORMAT, CheckpointError, load_model, load_state, load_tensors, read_json,
-                               save_model, save_state, save_tensors, write_json)
+from fmnist.checkpoint import (
+    MODEL_FORMAT,
+    CheckpointError,
+    load_model,
+    load_state,
+    load_tensors,
+    read_json,
+    save_model,
+    save_state,
+    save_tensors,
+    write_json,
+)
 from fmnist.models import create_model
 from fmnist.preprocess import make_spec
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tests run on one thread (a shared 2-core machine: contending threads make small ops far slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Payload:

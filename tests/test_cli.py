@@ -6,10 +6,9 @@ import shutil
 import tempfile
 
 import pytest
-import torch
+from conftest import make_synthetic
 from PIL import Image
 
-from conftest import make_synthetic
 from fmnist.cli import build_parser, main
 from fmnist.data import load_fashion_mnist, write_idx
 from fmnist.models import count_parameters, create_model, model_names
@@ -18,15 +17,6 @@ from fmnist.train import resolve_config, train
 # Copies of the shared trained run leave out files other tests may have added to it.
 FRESH = shutil.ignore_patterns("metrics.json")
 RESULT_KEYS = {"file", "label", "class_id", "score", "top_k"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tests run on one thread (a shared 2-core machine: contending threads make small ops far slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

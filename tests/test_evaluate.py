@@ -21,15 +21,6 @@ CM = [[3, 1, 0],
       [2, 0, 1]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tests run on one thread (a shared 2-core machine: contending threads make small ops far slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def run(tmp_path, trained_run):
     """A private copy of the trained run: evaluation writes metrics.json, other tests share the original."""

@@ -9,14 +9,6 @@ from fmnist.models import count_parameters, create_model, describe, model_names
 ALL_MODELS = ["seed-a", "seed-b-mlp", "seed-b-cnn", "tiny", "resnet-lite", "resnet9-s", "resnet9-m"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_registry_holds_every_documented_model():
     assert set(ALL_MODELS) <= set(model_names())
     for name in model_names():

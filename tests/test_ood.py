@@ -1,7 +1,6 @@
 """Out-of-distribution detection: scores, threshold, storage, the public API's refusals and `fmnist ood-eval`."""
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -13,15 +12,8 @@ from conftest import make_synthetic
 import fmnist
 from fmnist import ood_sets
 from fmnist.checkpoint import CheckpointError
+from fmnist.cli import main
 from fmnist.ood import PARTS, Detector, auroc, features_and_logits, fpr_at_tpr, pixels01
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # module scope: set before the module's fixtures fit anything
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -171,31 +163,9 @@ def test_photo_and_digit_sets_use_the_optional_extras():
     assert all(im.shape in {(s, s) for s in range(32, 65, 8)} for im in ood_sets.digits(5, rng))
 
 
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory, synthetic_data):
-    from fmnist.data import write_idx
-
-    d = tmp_path_factory.mktemp("idx")
-    write_idx(d / "train-images-idx3-ubyte", synthetic_data.train_images)
-    write_idx(d / "train-labels-idx1-ubyte", synthetic_data.train_labels)
-    write_idx(d / "t10k-images-idx3-ubyte", synthetic_data.test_images)
-    write_idx(d / "t10k-labels-idx1-ubyte", synthetic_data.test_labels)
-    return d
-
-
-def run_command(argv) -> int:
-    from fmnist import trust_cli
-    from fmnist.cli import Formatter
-
-    parser = argparse.ArgumentParser(prog="fmnist")
-    trust_cli.register(parser.add_subparsers(dest="command", required=True), Formatter)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_ood_eval_prints_the_table_and_writes_json(tmp_path, trained_run, idx_dir, capsys):
     run = shutil.copytree(trained_run, tmp_path / "run")
-    code = run_command(["ood-eval", str(run), "--data-dir", str(idx_dir), "--no-verify", "--threads", "1",
+    code = main(["ood-eval", str(run), "--data-dir", str(idx_dir), "--no-verify", "--threads", "1",
                         "--n", "40", "--sets", "uniform-noise,rotated-90", "--by-part"])
     out = capsys.readouterr().out
     assert code == 0
@@ -212,5 +182,5 @@ def test_ood_eval_prints_the_table_and_writes_json(tmp_path, trained_run, idx_di
 def test_ood_eval_refuses_a_run_without_detector(tmp_path, trained_run, idx_dir, capsys):
     run = shutil.copytree(trained_run, tmp_path / "run")
     (run / "ood.safetensors").unlink()
-    code = run_command(["ood-eval", str(run), "--data-dir", str(idx_dir), "--no-verify", "--n", "5"])
+    code = main(["ood-eval", str(run), "--data-dir", str(idx_dir), "--no-verify", "--n", "5"])
     assert code == 2 and "fmnist calibrate" in capsys.readouterr().err

@@ -19,15 +19,6 @@ FRESH = shutil.ignore_patterns("metrics.json")
 KEYS = {"label", "class_id", "score", "accepted", "reason", "top_k"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tests run on one thread (a shared 2-core machine: contending threads make small ops far slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def predictor(trained_run):
     return fmnist.load(trained_run)

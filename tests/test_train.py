@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_synthetic
+
 from fmnist.checkpoint import load_model, load_state, load_tensors
 from fmnist.data import stratified_split
 from fmnist.evaluate import batched_logits
@@ -19,15 +19,6 @@ from fmnist.preprocess import preprocess
 from fmnist.train import EMA, PRESETS, TrainConfig, lr_at, resolve_config, train
 
 TIMING_COLUMNS = {"seconds", "elapsed"}  # wall-clock columns: the only ones allowed to differ between runs
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tests run on one thread (a shared 2-core machine: contending threads make small ops far slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
