@@ -67,7 +67,7 @@ def test_train_help_states_defaults(capsys, monkeypatch):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for text in ("--batch-size", "--time-budget", "--label-smoothing", "--preset", "(default: resnet-lite)",
-                 "(default: 0.2)", "(default: 165)"):
+                 "(default: 0.2)", "(default: 175)"):
         assert text in out, f"train --help lacks {text!r}"
     for action in subparser("train")._actions:
         if not action.option_strings or action.nargs == 0 or "--resume" in action.option_strings:

@@ -213,9 +213,10 @@ def test_time_budget_stops_within_budget(tmp_path, small_data):
     cfg = config(epochs=1, time_budget=budget, schedule="onecycle", lr=0.1)
     summary = train(cfg, out=tmp_path / "run", data=small_data, quiet=True)
     rows = history(tmp_path / "run")
-    # one epoch's work (its last step and validation) may spill past the budget, no more
+    # The steps stop early enough to leave time for the last validation and the calibration/OOD fit (at least
+    # half the budget is spent training); one epoch's work may spill past the budget, no more.
     overhead = max(float(r["seconds"]) for r in rows) + 0.5
-    assert budget <= summary["train_seconds"] <= budget + overhead
+    assert 0.5 * budget <= summary["train_seconds"] <= budget + overhead
     assert summary["epochs"] == len(rows) > 1, "the budget, not --epochs, decides how long training runs"
     assert int(rows[-1]["step"]) > 1
     # the schedule is sized to the budget: the learning rate has decayed to (nearly) zero at the end
