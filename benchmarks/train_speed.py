@@ -81,10 +81,13 @@ def main(argv=None) -> int:
             wall = time.monotonic() - t0
             hist = list(csv.DictReader(open(out / "history.csv")))
             epochs = len(hist)
-            train_imgs = epochs * (len(data.train_labels) - cfg.val_size) if not cfg.subset else epochs * cfg.subset
+            train_imgs = int(hist[-1]["step"]) * cfg.batch_size  # the last epoch of a budgeted run is partial
+            epoch_imgs = cfg.subset or (len(data.train_labels) - cfg.val_size)
             m = evaluate_run(out, data=data, write=True)
             r = {"preset": preset, "seed": seed, "model": cfg.model, "wall_s": wall, "epochs": epochs,
-                 "s_per_epoch": float(hist[-1]["elapsed"]) / epochs, "img_per_s": train_imgs / float(hist[-1]["elapsed"]),
+                 # per full pass over the training split, validation included (elapsed counts it)
+                 "s_per_epoch": epoch_imgs * float(hist[-1]["elapsed"]) / train_imgs,
+                 "img_per_s": train_imgs / float(hist[-1]["elapsed"]),
                  "test_acc": m["accuracy"], "test_acc_no_tta": m.get("accuracy_no_tta", m["accuracy"]),
                  "time_to_target_s": time_to_target(out / "history.csv", TARGET),
                  "best_epoch": summary["best_epoch"]}
