@@ -372,6 +372,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
     # Temperature and OOD detector of the kept model, stored with it.
     from fmnist.trust import describe, fit_trust
     summary["trust"] = fit_trust(out, data, train_idx, val_idx, device=device)
+    summary["wall_seconds"] = time.monotonic() - t_start  # everything, the calibration/OOD fit included
     say(describe(summary["trust"]))
     write_json(out / "train_summary.json", summary)
     _link_latest(out)
