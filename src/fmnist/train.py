@@ -295,6 +295,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
     stop = False
     max_epochs = 10**9 if budget else cfg.epochs
     while epoch < max_epochs and not stop:
+        if budget and epoch > start_epoch and elapsed() >= spendable():
+            break  # the last validation used up the budget: another epoch would be one step and a validation
         t_epoch = time.monotonic()
         model.train()
         perm = torch.randperm(n, generator=gen).to(device)
