@@ -126,7 +126,7 @@ async def client(host, port, requests, next_index, deadline, timeout, latencies,
 async def load(host: str, port: int, images: list[bytes], n: int, concurrency: int, warmup: int,
                time_limit: float, timeout: float) -> dict:
     requests = [multipart_request(host, port, img) for img in images]
-    for phase, count in (("warm-up", warmup), ("measure", n)):
+    for _phase, count in (("warm-up", warmup), ("measure", n)):
         next_index = functools.partial(next, iter(range(count)), None)  # shared by the clients: None = done
         latencies: list[float] = []
         errors: collections.Counter = collections.Counter()

@@ -252,7 +252,7 @@ def test_ema_update_is_a_lerp():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-        for name, b in model.named_buffers():
+        for b in model.buffers():
             b.add_(3 if b.is_floating_point() else 5)
     before = {k: v.clone() for k, v in ema.model.state_dict().items()}
     now = model.state_dict()

@@ -5,7 +5,7 @@ and ``head`` (the final linear layer), so ``forward(x) == head(features(x))``.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
