@@ -27,6 +27,11 @@ from fmnist.preprocess import is_blank, preprocess, to_dataset_format
 DEFAULT_CONFIDENCE = 0.60
 
 
+def run_confidence_threshold(meta: dict) -> float:
+    """The run's own confidence threshold (model.json "thresholds"), else seed B's 0.60."""
+    return float(meta.get("thresholds", {}).get("confidence", DEFAULT_CONFIDENCE))
+
+
 class Predictor:
     def __init__(self, model: torch.nn.Module, meta: dict, run_dir: Path | None = None,
                  confidence_threshold: float | None = None, top_k: int = 3, ood_threshold: float | None = None):
@@ -41,9 +46,8 @@ class Predictor:
         self.device = next(model.parameters()).device
         # Loaded once here (small tensors), never per call.
         self.detector = Detector.load(run_dir, meta) if run_dir is not None else None
-        thresholds = meta.get("thresholds", {})
         self.confidence_threshold = (confidence_threshold if confidence_threshold is not None
-                                     else float(thresholds.get("confidence", DEFAULT_CONFIDENCE)))
+                                     else run_confidence_threshold(meta))
         self.ood_threshold = (None if self.detector is None else
                               float(ood_threshold) if ood_threshold is not None else self.detector.threshold)
 

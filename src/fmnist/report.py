@@ -113,7 +113,7 @@ def build_report(run_dir, data=None, out=None, limit: int | None = None, threads
     """Write RUN/report/index.html and its PNGs; return the HTML path. ``data`` defaults to the official set."""
     from fmnist import report_figures as figs
     from fmnist.data import load_fashion_mnist
-    from fmnist.predict import DEFAULT_CONFIDENCE
+    from fmnist.predict import run_confidence_threshold
 
     run = require_run(run_dir)
     data = data if data is not None else load_fashion_mnist()
@@ -124,7 +124,7 @@ def build_report(run_dir, data=None, out=None, limit: int | None = None, threads
     metrics = test_metrics(run, pred)
     history = read_history(run)
     ece, bins = calibration_bins(probs, y)
-    threshold = float(meta.get("thresholds", {}).get("confidence", DEFAULT_CONFIDENCE))
+    threshold = run_confidence_threshold(meta)
     sample_idx = np.sort(np.random.default_rng(0).choice(len(y), size=min(24, len(y)), replace=False))
 
     drawn = {
