@@ -46,10 +46,10 @@ def synthetic_data() -> FashionMNIST:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, synthetic_data):
-    """A 'tiny' model trained for 4 epochs on the synthetic data (a few seconds on one thread)."""
+    """The fast preset's model (s2d-24) trained for 4 epochs on the synthetic data (seconds on one thread)."""
     from fmnist.train import resolve_config, train
 
-    out = tmp_path_factory.mktemp("runs") / "tiny"
+    out = tmp_path_factory.mktemp("runs") / "fast"
     cfg = resolve_config("fast", time_budget=0, epochs=4, lr=0.05, batch_size=64, val_size=200, threads=1, seed=0)
     train(cfg, out=out, data=synthetic_data, quiet=True)
     return out

@@ -66,7 +66,7 @@ def test_train_help_states_defaults(capsys, monkeypatch):
         main(["train", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    for text in ("--batch-size", "--time-budget", "--label-smoothing", "--preset", "(default: resnet-lite)",
+    for text in ("--batch-size", "--time-budget", "--label-smoothing", "--preset", "(default: s2d-32)",
                  "(default: 0.2)", "(default: 175)"):
         assert text in out, f"train --help lacks {text!r}"
     for action in subparser("train")._actions:
@@ -99,7 +99,7 @@ def test_train_dry_run_writes_nothing(tmp_path, monkeypatch, capsys, data_dir):
                  "--batch-size", "32", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "dry run ok: resnet-lite" in out and "nothing written" in out
+    assert "dry run ok: s2d-32" in out and "nothing written" in out
     assert f"run {scratch}/fmnist-dry-run-" in out  # it trained in a temporary folder
     assert list(cwd.iterdir()) == []
     assert [p for p in scratch.iterdir() if p.name.startswith("fmnist")] == []  # the temporary run is gone

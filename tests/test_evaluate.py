@@ -97,7 +97,7 @@ def test_evaluate_run_writes_metrics(run, synthetic_data):
         assert key in saved, f"metrics.json lacks {key}"
     assert saved["n"] == len(synthetic_data.test_labels)
     assert sum(map(sum, saved["confusion_matrix"])) == saved["n"]
-    assert saved["model"] == "tiny" and saved["tta"] is True
+    assert saved["model"] == "s2d-24" and saved["tta"] is True
     assert len(saved["per_class"]) == 10
     # the number reported is the model's accuracy on the test images, computed independently here
     model, meta = load_model(run)

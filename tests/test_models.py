@@ -6,7 +6,8 @@ import torch
 
 from fmnist.models import count_parameters, create_model, describe, model_names
 
-ALL_MODELS = ["seed-a", "seed-b-mlp", "seed-b-cnn", "tiny", "resnet-lite", "resnet9-s", "resnet9-m"]
+ALL_MODELS = ["seed-a", "seed-b-mlp", "seed-b-cnn", "s2d-24", "s2d-32", "s2d-48", "tiny", "resnet-lite", "resnet9-s",
+              "resnet9-m"]
 
 
 def test_registry_holds_every_documented_model():
@@ -51,9 +52,21 @@ def test_seed_parameter_counts_are_exact(name, count):
     assert count_parameters(create_model(name)) == count
 
 
-def test_tiny_is_under_100k_parameters():
-    n = count_parameters(create_model("tiny"))
+@pytest.mark.parametrize("name", ["tiny", "s2d-24"])
+def test_small_models_are_under_100k_parameters(name):
+    n = count_parameters(create_model(name))
     assert 10_000 < n < 100_000
+
+
+def test_space_to_depth_stem_keeps_every_pixel():
+    from fmnist.models import SpaceToDepth
+
+    x = torch.arange(2 * 28 * 28, dtype=torch.float32).reshape(2, 1, 28, 28)
+    y = SpaceToDepth()(x)
+    assert y.shape == (2, 4, 14, 14)
+    # each output position holds the four pixels of one 2x2 patch, and nothing is lost
+    torch.testing.assert_close(y[0, :, 0, 0], torch.tensor([0.0, 1.0, 28.0, 29.0]))
+    torch.testing.assert_close(torch.nn.functional.pixel_shuffle(y, 2), x)
 
 
 def test_count_includes_batchnorm_running_stats_but_not_batch_counter():

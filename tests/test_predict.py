@@ -154,7 +154,7 @@ def test_calibration_temperature_softens_scores(tmp_path, trained_run, images):
 def test_info_describes_the_model(tmp_path, trained_run):
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=FRESH)
     info = fmnist.load(run).info()
-    assert info["model"] == "tiny" and info["class_names"] == list(fmnist.CLASS_NAMES)
+    assert info["model"] == "s2d-24" and info["class_names"] == list(fmnist.CLASS_NAMES)
     assert info["parameters"] > 0 and info["test"] is None
     assert set(info["validation"]) == {"train_loss", "train_acc", "val_loss", "val_acc"}
     assert info["thresholds"]["confidence"] == DEFAULT_CONFIDENCE and info["thresholds"]["ood"] > 0

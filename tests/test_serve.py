@@ -91,7 +91,7 @@ def test_health_and_model_info(client, trained_run):
     assert client.get("/api/health").json() == {"status": "ok"}
     info = client.get("/api/model").json()
     assert info["name"] == Path(trained_run).name
-    assert info["model"] == "tiny" and info["parameters"] > 1000
+    assert info["model"] == "s2d-24" and info["parameters"] > 1000
     assert info["class_names"] == list(CLASS_NAMES)
     # The run's own default (0.60, seed B's value, or another when the run says so).
     assert info["thresholds"]["confidence"] == client.app.state.predictor.confidence_threshold
@@ -463,7 +463,7 @@ def test_an_image_that_cannot_be_prepared_fails_only_its_request(trained_run, ga
     assert isinstance(out[2], UploadError) and "file 2 ('odd.png')" in out[2].detail
 
 
-@pytest.mark.parametrize("name", ["tiny", "resnet-lite", "resnet9-s", "seed-a", "seed-b-mlp"])
+@pytest.mark.parametrize("name", ["s2d-24", "tiny", "resnet-lite", "resnet9-s", "seed-a", "seed-b-mlp"])
 def test_optimised_model_computes_the_same(name):
     import torch
 
@@ -484,7 +484,7 @@ def test_optimised_model_computes_the_same(name):
     optimised.eval()
     folded = optimize_for_inference(optimised)
     bn_left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in optimised.modules())
-    if name in ("tiny", "resnet-lite", "resnet9-s"):
+    if name in ("s2d-24", "tiny", "resnet-lite", "resnet9-s"):
         assert folded > 0 and bn_left == 0
     x = torch.randn(4, 1, 28, 28)
     with torch.inference_mode():

@@ -118,7 +118,7 @@ def test_same_seed_gives_identical_runs(tmp_path, small_data):
     assert not torch.equal(other, load_tensors(tmp_path / "a" / "model.safetensors")["head.weight"])
 
 
-@pytest.mark.parametrize("model", ["tiny", "seed-b-cnn"])  # BatchNorm + channels_last; dropout (global RNG)
+@pytest.mark.parametrize("model", ["s2d-24", "tiny", "seed-b-cnn"])  # BatchNorm + channels_last; dropout (global RNG)
 def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_data, model):
     cfg = config(model=model, epochs=2, batch_size=30, val_size=40, ema=0.9, optimizer="sgd",
                  augment="flip,crop,erase")
@@ -344,3 +344,6 @@ def test_presets_resolve_to_known_models(preset):
     assert cfg.model in model_names()
     if preset in ("fast", "default", "best", "tiny"):
         assert cfg.time_budget > 0 and math.isfinite(cfg.time_budget)
+    if preset == "tiny":  # the "under 100,000 parameters"
+        from fmnist.models import count_parameters, create_model
+        assert count_parameters(create_model(cfg.model)) < 100_000

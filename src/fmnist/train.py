@@ -64,17 +64,21 @@ PRESETS: dict[str, dict] = {
     "seed-b-cnn": dict(model="seed-b-cnn", optimizer="adam", lr=1e-3, batch_size=64, epochs=30, schedule="constant",
                        weight_decay=0.0, label_smoothing=0.0, augment="none", tta=False, select="val_loss"),
     # Fast recipes for a 2-core CPU: time-budgeted, so the learning-rate schedule always completes.
-    # A budget covers training, validation and the calibration/OOD fit; loading the data (~3 s) comes on top.
-    "fast": dict(model="tiny", time_budget=55, select="val_acc"),
-    "default": dict(model="resnet-lite", time_budget=175, select="val_acc"),
-    "best": dict(model="resnet9-s", time_budget=880, augment="flip,crop,erase", select="val_acc"),
-    "tiny": dict(model="tiny", time_budget=290, select="val_acc"),
+    # A budget covers training, validation and the calibration/OOD fit; loading the data (~1 s) comes on top.
+    # Chosen on the validation split (README, "How training is fast on a CPU"): space-to-depth models run 2.5x
+    # more epochs than the same-size CNN at full resolution; with 3-11 epochs, flips alone beat flips + crops
+    # (93.0 vs 92.4 % val. at 175 s) and batch 128 beat 256 (93.3 vs 93.0 %).
+    "fast": dict(model="s2d-24", time_budget=55, augment="flip", batch_size=128, select="val_acc"),
+    "default": dict(model="s2d-32", time_budget=175, augment="flip", batch_size=128, select="val_acc"),
+    # Longer budgets run 18-40 epochs, where random crops start to pay (93.1 % val. after 18 epochs of s2d-24).
+    "best": dict(model="s2d-32", time_budget=880, augment="flip,crop", batch_size=128, select="val_acc"),
+    "tiny": dict(model="s2d-24", time_budget=600, augment="flip,crop", batch_size=128, select="val_acc"),
 }
 DEFAULT_PRESET = "default"
-# Fitting calibration and the OOD detector after training (fmnist.trust) took 17 s after a tiny model and 21 s
-# after resnet-lite on a 2-core CPU: about 12 s of fixed work plus two validation passes' worth of model time.
-# A time budget keeps that much in hand.
-TRUST_FIXED_SECONDS = 12.0
+# Fitting calibration and the OOD detector after training (fmnist.trust) costs two validation passes' worth of
+# model time (features of 10,000 training and 10,000 validation images, with TTA when it is on) plus about 2 s of
+# statistics on a 2-core CPU (5.2 s in all after s2d-24, 14 s after resnet-lite). A time budget keeps that in hand.
+TRUST_FIXED_SECONDS = 4.0
 TRUST_PER_VALIDATION = 2.0
 
 

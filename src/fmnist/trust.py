@@ -52,6 +52,7 @@ def fit_trust(run_dir, data, train_idx, val_idx, target_accept: float = DEFAULT_
     if len(val_idx) < 20:
         return {"skipped": "no validation split to calibrate on (--val-size 0)"}
     model, meta = load_model(run_dir, map_location=device or "cpu")
+    model = model.to(memory_format=torch.channels_last)  # as in training: 1.5x faster convolutions on CPU
     num_classes = len(meta["class_names"])
     train_idx = train_idx[stratified_sample(data.train_labels[train_idx], fit_size, seed)]
     tr_feats, _, tr_pix = split_outputs(model, meta, data.train_images[train_idx], device)
