@@ -61,8 +61,10 @@ PRESETS: dict[str, dict] = {
                    precision="fp32"),
     "seed-b-mlp": dict(model="seed-b-mlp", optimizer="adam", lr=1e-3, batch_size=32, epochs=20, schedule="constant",
                        weight_decay=0.0, label_smoothing=0.0, augment="none", tta=False, select="val_acc"),
+    # Seed B's callback keeps the best model "by minimum loss or maximum accuracy"; both its presets keep the best
+    # validation accuracy, the figure seed B reports.
     "seed-b-cnn": dict(model="seed-b-cnn", optimizer="adam", lr=1e-3, batch_size=64, epochs=30, schedule="constant",
-                       weight_decay=0.0, label_smoothing=0.0, augment="none", tta=False, select="val_loss"),
+                       weight_decay=0.0, label_smoothing=0.0, augment="none", tta=False, select="val_acc"),
     # Fast recipes for a 2-core CPU: time-budgeted, so the learning-rate schedule always completes.
     # A budget covers training, validation and the calibration/OOD fit; loading the data (~1 s) comes on top.
     # Chosen on the validation split (README, "How training is fast on a CPU"): space-to-depth models run 2.5x
