@@ -43,6 +43,31 @@ def test_auroc_and_fpr_on_known_scores():
     assert fpr_at_tpr(genuine, torch.tensor([10.0, 50.0, 96.0, 99.0])) == 0.5  # threshold at 94.05
 
 
+def test_pixel_model_matches_its_definition():
+    """The pixel score (computed with matrix products) equals probabilistic PCA's NLL written out directly."""
+    from fmnist.ood import _fit_pixel, _score_pixel
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(600, 28, 28, generator=gen) ** 3
+    labels = torch.arange(600) % 3
+    t = _fit_pixel(u, labels, 3, k=5)
+    x = torch.rand(7, 28, 28, generator=gen).flatten(1).double()
+    expected = []
+    for c in range(3):
+        m, v = t["pixel.means"][c].double(), t["pixel.components"][c].double()
+        var, rest = t["pixel.variances"][c].double(), t["pixel.residual"][c].double()
+        z = x - m
+        p = z @ v.T
+        outside = (z * z).sum(1) - (p * p).sum(1)
+        expected.append((p * p / var).sum(1) + outside / rest + var.log().sum() + (784 - 5) * rest.log())
+    torch.testing.assert_close(_score_pixel(t, x.float().reshape(7, 28, 28)).double(),
+                               torch.stack(expected).amin(0), rtol=1e-4, atol=1e-2)
+    # the components are orthonormal and ordered by decreasing variance
+    v = t["pixel.components"][0].double()
+    torch.testing.assert_close(v @ v.T, torch.eye(5, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert (t["pixel.variances"][0].diff() <= 0).all()
+
+
 def test_threshold_accepts_the_target_on_held_out_data(detector, id_data):
     assert 0.95 <= detector.config["val_accept"] <= 0.96  # the target plus a small safety margin
     feats, _, pixels = id_data["held_out"]

@@ -138,9 +138,7 @@ def _fit_pixel(u: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int) 
         comps.append(v if kk == k else torch.cat([v[:kk], torch.zeros(k - kk, d, dtype=x.dtype)]))
         variances.append(torch.cat([var[:kk], torch.ones(k - kk, dtype=x.dtype)]))
         rest.append(var[kk:].sum() / (d - kk) + 1e-6)
-    means = torch.stack(means)
-    comps = torch.stack(comps)
-    return {"pixel.means": means.float(), "pixel.components": comps.float(),
+    return {"pixel.means": torch.stack(means).float(), "pixel.components": torch.stack(comps).float(),
             "pixel.variances": torch.stack(variances).float(), "pixel.residual": torch.stack(rest).float()}
 
 
