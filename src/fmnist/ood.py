@@ -142,21 +142,36 @@ def _fit_pixel(u: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int) 
             "pixel.variances": torch.stack(variances).float(), "pixel.residual": torch.stack(rest).float()}
 
 
+def _pixel_derived(t: dict) -> dict:
+    """Per-model constants of the pixel score, computed once when a detector is built (not stored)."""
+    means, comps = t["pixel.means"], t["pixel.components"]                     # (C, D), (C, k, D)
+    num_classes, k, d = comps.shape
+    var, rest = t["pixel.variances"], t["pixel.residual"]
+    return {
+        "pixel.components_t": comps.reshape(num_classes * k, d).T.contiguous(),  # (D, C*k)
+        "pixel.means_t": means.T.contiguous(),                                  # (D, C)
+        "pixel.means_proj": torch.einsum("cd,ckd->ck", means, comps),          # (C, k)
+        "pixel.means_sq": (means * means).sum(1),                               # (C,)
+        "pixel.inv_var": 1.0 / var,
+        "pixel.const": var.log().sum(1) + (d - k) * rest.log(),                 # (C,)
+    }
+
+
 def _score_pixel(t: dict, u: torch.Tensor) -> torch.Tensor:
     """Probabilistic-PCA negative log-likelihood (x2, constants dropped), min over classes.
 
     Written with matrix products against the stacked class components, so no (N, classes, 784) difference
     tensor is ever built: ||x - m||^2 = ||x||^2 - 2 x.m + ||m||^2 and (x - m).V = x.V - m.V.
     """
+    if "pixel.const" not in t:
+        t = {**t, **_pixel_derived(t)}
     x = u.flatten(1).float()
-    means, comps = t["pixel.means"], t["pixel.components"]                     # (C, D), (C, k, D)
-    num_classes, k, d = comps.shape
-    p = (x @ comps.reshape(num_classes * k, d).T).reshape(-1, num_classes, k)
-    p = p - torch.einsum("cd,ckd->ck", means, comps)[None]                     # (N, C, k)
-    zz = (x * x).sum(1, keepdim=True) - 2 * x @ means.T + (means * means).sum(1)[None]   # (N, C)
-    var, rest = t["pixel.variances"], t["pixel.residual"]
-    outside = (zz - (p * p).sum(2)).clamp(min=0)
-    nll = (p * p / var).sum(2) + outside / rest + var.log().sum(1) + (d - k) * rest.log()
+    num_classes, k = t["pixel.means_proj"].shape
+    p = (x @ t["pixel.components_t"]).reshape(-1, num_classes, k) - t["pixel.means_proj"]   # (N, C, k)
+    zz = (x * x).sum(1, keepdim=True) - 2 * x @ t["pixel.means_t"] + t["pixel.means_sq"]   # (N, C)
+    pp = p * p
+    outside = (zz - pp.sum(2)).clamp(min=0)
+    nll = (pp * t["pixel.inv_var"]).sum(2) + outside / t["pixel.residual"] + t["pixel.const"]
     return nll.min(dim=1).values
 
 
@@ -195,8 +210,14 @@ class Detector:
 
     def __init__(self, tensors: dict[str, torch.Tensor], config: dict):
         self.tensors = dict(tensors)
-        if "knn.bank" in self.tensors:  # converted and transposed once here, not per call
-            self.tensors["knn.bank_t"] = self.tensors["knn.bank"].float().T.contiguous()
+        # Derived tensors, computed once here rather than per call, and never saved.
+        derived: dict[str, torch.Tensor] = {}
+        if "knn.bank" in self.tensors:
+            derived["knn.bank_t"] = self.tensors["knn.bank"].float().T.contiguous()
+        if "pixel.means" in self.tensors:
+            derived.update(_pixel_derived(self.tensors))
+        self.tensors.update(derived)
+        self.derived = set(derived)
         self.config = config
         self.parts = list(config["parts"])
         self.threshold = float(config.get("threshold", float("inf")))
@@ -275,7 +296,7 @@ class Detector:
 
     def save(self, run_dir) -> dict:
         """Write RUN/ood.safetensors; return the JSON part for ``model.json["ood"]``."""
-        tensors = {k: v for k, v in self.tensors.items() if k != "knn.bank_t"}
+        tensors = {k: v for k, v in self.tensors.items() if k not in self.derived}
         save_tensors(Path(run_dir) / OOD_FILE, tensors, metadata={"format": OOD_FORMAT})
         return dict(self.config)
 
