@@ -240,7 +240,7 @@ class Detector:
         det = cls(tensors, {"format": OOD_FORMAT, "parts": parts, "knn_k": KNN_K})
         raw = det.part_scores(val_feats, val_pixels)
         det.config["standardise"] = {name: _robust_scale(s) for name, s in raw.items()}
-        det.set_threshold(_max_standardised(raw, det.config["standardise"]), target_accept)
+        det.set_threshold(det.combine(_standardise(raw, det.config["standardise"])), target_accept)
         det.config.update({
             "method": "max of validation-standardised scores: " + ", ".join(parts),
             "fit_on": f"training split ({len(train_feats)} images)",
@@ -276,9 +276,14 @@ class Detector:
     def standardised(self, feats: torch.Tensor, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return _standardise(self.part_scores(feats, pixels), self.config["standardise"])
 
+    @staticmethod
+    def combine(standardised: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The detector's score from its standardised parts: the highest (any view finding it unusual)."""
+        return torch.stack(list(standardised.values())).amax(dim=0)
+
     def score(self, feats: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """The OOD score of each input: max over parts of (score - median) / (95th percentile - median)."""
-        return _max_standardised(self.part_scores(feats, pixels), self.config["standardise"])
+        return self.combine(self.standardised(feats, pixels))
 
     def set_threshold(self, val_scores: torch.Tensor, target_accept: float) -> None:
         """Accept ``target_accept`` of genuine images: a quantile of the validation scores.
@@ -320,10 +325,6 @@ class Detector:
 
 def _standardise(raw: dict[str, torch.Tensor], std: dict) -> dict[str, torch.Tensor]:
     return {n: (s - std[n][0]) / std[n][1] for n, s in raw.items()}
-
-
-def _max_standardised(raw: dict[str, torch.Tensor], std: dict) -> torch.Tensor:
-    return torch.stack(list(_standardise(raw, std).values())).amax(dim=0)
 
 
 def _robust_scale(s: torch.Tensor) -> list[float]:

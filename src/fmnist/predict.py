@@ -101,16 +101,14 @@ class Predictor:
         One forward pass gives both the logits and the features the detector needs (mirrored TTA as trained).
         """
         images28 = np.ascontiguousarray(images28)
-        x = preprocess(images28, self.spec)
-        probs, ood = [], []
-        for i in range(0, len(x), 256):
-            feats, logits = features_and_logits(self.model, x[i:i + 256], tta=self.tta, device=self.device)
-            probs.append(torch.softmax(logits / self.temperature, dim=1))
-            if self.detector is not None:
-                ood.append(self.detector.score(feats, pixels01(images28[i:i + 256])))
-        if not probs:
+        if not len(images28):
             return torch.empty(0, len(self.class_names)), None
-        return torch.cat(probs), (torch.cat(ood) if ood else None)
+        # Both calls below work in chunks of their own, so a large batch never builds large intermediates.
+        feats, logits = features_and_logits(self.model, preprocess(images28, self.spec), tta=self.tta,
+                                            device=self.device)
+        probs = torch.softmax(logits / self.temperature, dim=1)
+        ood = self.detector.score(feats, pixels01(images28)) if self.detector is not None else None
+        return probs, ood
 
     def probabilities(self, images28: np.ndarray) -> torch.Tensor:
         """Calibrated class probabilities for a uint8 (N, 28, 28) batch."""

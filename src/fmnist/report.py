@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from fmnist.calibrate import ECE_BINS, expected_calibration_error
 from fmnist.checkpoint import CheckpointError, read_json
 
-ECE_BINS = 15
 FIGURES = ("learning_curves", "confusion", "per_class", "confused_pairs", "misclassified", "reliability",
            "samples")
 
@@ -54,14 +55,14 @@ def calibration_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
     conf = probs.max(1)
     correct = probs.argmax(1) == labels
     which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
-    table, ece = [], 0.0
+    table = []
     for b in range(bins):
         mask = which == b
         n = int(mask.sum())
         acc = float(correct[mask].mean()) if n else 0.0
         avg = float(conf[mask].mean()) if n else 0.0
-        ece += n / max(len(labels), 1) * abs(acc - avg)
         table.append({"lo": b / bins, "hi": (b + 1) / bins, "count": n, "accuracy": acc, "confidence": avg})
+    ece = expected_calibration_error(torch.as_tensor(probs), torch.as_tensor(labels), bins)
     return ece, table
 
 

@@ -160,7 +160,7 @@ def _score(predictor, items) -> dict:
     feats, logits = features_and_logits(predictor.model, preprocess(imgs, predictor.spec), tta=predictor.tta)
     probs = torch.softmax(logits / predictor.temperature, dim=1)
     parts = predictor.detector.standardised(feats, pixels01(imgs))
-    ood = torch.stack(list(parts.values())).amax(dim=0)
+    ood = predictor.detector.combine(parts)
     conf = probs.max(1).values
     reasons = [predictor.reason(im, float(c), float(s)) for im, c, s in zip(imgs, conf, ood)]
     return {"ood": ood.numpy(), "reasons": reasons, "pred": probs.argmax(1).numpy(),
