@@ -188,6 +188,7 @@ def in_process(run: str, images: list[bytes], repeat: int) -> dict:
 
     import fmnist
     from fmnist.images import MAX_PIXELS
+    from fmnist.ood import features_and_logits
     from fmnist.serve.inference import optimize_for_inference, predict_uploads
 
     torch.set_num_threads(1)  # as the server runs it: one PyTorch thread per worker
@@ -197,14 +198,13 @@ def in_process(run: str, images: list[bytes], repeat: int) -> dict:
     x = torch.zeros(1, 1, 28, 28)
 
     def model_only():
-        with torch.inference_mode():
-            served.model(x)
+        features_and_logits(served.model, x, tta=served.tta)
 
     cases = {
         "server work (decode, preprocess, model, PNG)": lambda i: predict_uploads(
             served, [("image.png", images[i % len(images)])], MAX_PIXELS),
         "Predictor.predict(png bytes), as loaded": lambda i: plain.predict(images[i % len(images)]),
-        "model forward only (1x1x28x28, as served)": lambda i: model_only(),
+        "model forward only (1 image, with its mirror if TTA)": lambda i: model_only(),
     }
     out = {"model": plain.meta["model"], "tta": plain.tta, "repeat": repeat}
     for name, fn in cases.items():

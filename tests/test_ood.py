@@ -13,12 +13,13 @@ import fmnist
 from fmnist import ood_sets
 from fmnist.checkpoint import CheckpointError
 from fmnist.cli import main
-from fmnist.ood import PARTS, Detector, auroc, features_and_logits, fpr_at_tpr, pixels01
+from fmnist.ood import DEFAULT_PARTS, PARTS, Detector, auroc, features_and_logits, fpr_at_tpr, pixels01
 
 
 @pytest.fixture(scope="module")
 def id_data():
-    """Synthetic garments (pixels) with class-dependent Gaussian 'features': train / validation / held-out."""
+    """Synthetic garments (pixels) with class-dependent Gaussian 'features' and the logits of a linear head
+    on them: (features, labels, pixels, logits) for train / validation / held-out."""
     d = make_synthetic(n_train=6000, n_test=3000, seed=7)
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(10, 32, generator=g) * 3
@@ -26,13 +27,14 @@ def id_data():
     labels = torch.cat([d.train_labels, d.test_labels])
     feats = centres[labels] + torch.randn(len(labels), 32, generator=g)
     parts = {"train": slice(0, 3000), "val": slice(3000, 6000), "held_out": slice(6000, 9000)}
-    return {k: (feats[s], labels[s], pixels01(images[s])) for k, s in parts.items()}
+    logits = feats @ centres.T / 8
+    return {k: (feats[s], labels[s], pixels01(images[s]), logits[s]) for k, s in parts.items()}
 
 
 @pytest.fixture(scope="module")
 def detector(id_data):
-    (tf, tl, tp), (vf, _, vp) = id_data["train"], id_data["val"]
-    return Detector.fit(tf, tl, tp, vf, vp, num_classes=10, target_accept=0.95)
+    (tf, tl, tp, _), (vf, _, vp, vl) = id_data["train"], id_data["val"]
+    return Detector.fit(tf, tl, tp, vf, vp, num_classes=10, target_accept=0.95, val_logits=vl)
 
 
 def test_auroc_and_fpr_on_known_scores():
@@ -60,7 +62,7 @@ def test_pixel_model_matches_its_definition():
         p = z @ v.T
         outside = (z * z).sum(1) - (p * p).sum(1)
         expected.append((p * p / var).sum(1) + outside / rest + var.log().sum() + (784 - 5) * rest.log())
-    torch.testing.assert_close(_score_pixel(t, x.float().reshape(7, 28, 28)).double(),
+    torch.testing.assert_close(torch.from_numpy(_score_pixel(t, x.float().reshape(7, 28, 28))).double(),
                                torch.stack(expected).amin(0), rtol=1e-4, atol=1e-2)
     # the components are orthonormal and ordered by decreasing variance
     v = t["pixel.components"][0].double()
@@ -70,31 +72,32 @@ def test_pixel_model_matches_its_definition():
 
 def test_threshold_accepts_the_target_on_held_out_data(detector, id_data):
     assert 0.95 <= detector.config["val_accept"] <= 0.96  # the target plus a small safety margin
-    feats, _, pixels = id_data["held_out"]
-    accepted = (detector.score(feats, pixels) <= detector.threshold).double().mean().item()
+    feats, _, pixels, logits = id_data["held_out"]
+    accepted = (detector.score(feats, pixels, logits) <= detector.threshold).double().mean().item()
     assert abs(accepted - 0.95) <= 0.01
 
 
 def test_noise_and_turned_images_score_above_genuine(detector, id_data):
-    feats, _, pixels = id_data["held_out"]
-    genuine = detector.score(feats, pixels)
+    feats, _, pixels, logits = id_data["held_out"]
+    genuine = detector.score(feats, pixels, logits)
     rng = np.random.default_rng(0)
     noise = pixels01(ood_sets.uniform_noise(200, rng))
-    noise_feats = torch.randn(200, 32) * 3  # features nowhere near a class centre
-    assert auroc(genuine, detector.score(noise_feats, noise)) > 0.99
+    noise_feats = torch.randn(200, 32) * 3  # features nowhere near a class centre: no logit stands out
+    noise_logits = noise_feats @ torch.randn(10, 32, generator=torch.Generator().manual_seed(1)).T / 8
+    assert auroc(genuine, detector.score(noise_feats, noise, noise_logits)) > 0.99
     # Turned garments keep their features here: only the pixel views (orientation, stats) can see the turn.
     # (Some synthetic garments are squares, the same turned: a perfect score is impossible.)
     turned = torch.rot90(pixels, 1, (1, 2))
-    assert auroc(genuine, detector.score(feats, turned)) > 0.9
+    assert auroc(genuine, detector.score(feats, turned, logits)) > 0.9
 
 
 def test_detector_save_and_load_give_identical_scores(tmp_path, detector, id_data):
     config = detector.save(tmp_path)
     json.dumps(config)  # the JSON part goes into model.json
     loaded = Detector.load(tmp_path, {"ood": config})
-    feats, _, pixels = (t[:300] for t in id_data["held_out"])
+    feats, _, pixels, logits = (t[:300] for t in id_data["held_out"])
     assert loaded.threshold == detector.threshold and loaded.parts == detector.parts
-    torch.testing.assert_close(loaded.score(feats, pixels), detector.score(feats, pixels))
+    torch.testing.assert_close(loaded.score(feats, pixels, logits), detector.score(feats, pixels, logits))
     assert Detector.load(tmp_path, {}) is None  # no "ood" in model.json: no detector
     broken = dict(config, standardise={})
     with pytest.raises(CheckpointError, match="calibrate"):
@@ -102,20 +105,34 @@ def test_detector_save_and_load_give_identical_scores(tmp_path, detector, id_dat
 
 
 def test_every_optional_part_fits_scores_and_reloads(tmp_path, id_data):
-    (tf, tl, tp), (vf, _, vp) = (tuple(t[:1000] for t in id_data[k]) for k in ("train", "val"))
-    det = Detector.fit(tf, tl, tp, vf, vp, 10, parts=PARTS)
+    (tf, tl, tp, _), (vf, _, vp, vl) = (tuple(t[:1000] for t in id_data[k]) for k in ("train", "val"))
+    det = Detector.fit(tf, tl, tp, vf, vp, 10, parts=PARTS, val_logits=vl)
     loaded = Detector.load(tmp_path, {"ood": det.save(tmp_path)})
-    feats, _, pixels = (t[:200] for t in id_data["held_out"])
-    scores = loaded.part_scores(feats, pixels)
+    feats, _, pixels, logits = (t[:200] for t in id_data["held_out"])
+    scores = loaded.part_scores(feats, pixels, logits)
     assert list(scores) == list(PARTS)
     assert all(s.shape == (200,) and torch.isfinite(s).all() for s in scores.values())
-    torch.testing.assert_close(loaded.score(feats, pixels), det.score(feats, pixels))
+    torch.testing.assert_close(loaded.score(feats, pixels, logits), det.score(feats, pixels, logits))
+    with pytest.raises(ValueError, match="logits"):
+        det.score(feats, pixels)
+
+
+def test_parts_are_summed_and_older_runs_keep_the_maximum(tmp_path, detector, id_data):
+    feats, _, pixels, logits = (t[:100] for t in id_data["held_out"])
+    parts = detector.standardised(feats, pixels, logits)
+    torch.testing.assert_close(detector.score(feats, pixels, logits), sum(parts.values()))
+    # A run fitted before the sum (no "combine" in model.json) is scored as its threshold was set: the maximum.
+    config = {k: v for k, v in detector.save(tmp_path).items() if k != "combine"}
+    old = Detector.load(tmp_path, {"ood": config})
+    torch.testing.assert_close(old.score(feats, pixels, logits), torch.stack(list(parts.values())).amax(0))
+    with pytest.raises(CheckpointError, match="combination"):
+        Detector.load(tmp_path, {"ood": dict(config, combine="median")})
 
 
 def test_unknown_part_and_bad_target_are_clear_errors(id_data):
-    (tf, tl, tp), (vf, _, vp) = id_data["train"], id_data["val"]
+    (tf, tl, tp, _), (vf, _, vp, _) = id_data["train"], id_data["val"]
     with pytest.raises(ValueError, match="unknown OOD score"):
-        Detector.fit(tf, tl, tp, vf, vp, 10, parts=["energy"])
+        Detector.fit(tf, tl, tp, vf, vp, 10, parts=["odin"])
     with pytest.raises(ValueError, match="between 0 and 1"):
         Detector.fit(tf, tl, tp, vf, vp, 10, target_accept=95)
 
@@ -201,7 +218,7 @@ def test_ood_eval_prints_the_table_and_writes_json(tmp_path, trained_run, idx_di
     # The synthetic 'genuine' images are partly re-framed by to_image28 (their rectangles do not fill the frame),
     # so the AUROC here is far from what a real model reaches; the refusals are what the user sees.
     assert noise["rejected_any"] > 0.9 and noise["auroc"] > 0.75
-    assert set(noise["auroc_by_part"]) == {"knn", "orientation", "stats"}
+    assert set(noise["auroc_by_part"]) == set(DEFAULT_PARTS)
 
 
 def test_ood_eval_refuses_a_run_without_detector(tmp_path, trained_run, idx_dir, capsys):

@@ -1,12 +1,12 @@
 """Out-of-distribution detection: is this input a Fashion-MNIST-like garment at all?
 
 Softmax confidence is no guard (a cat photo or uniform noise can get 99 %). The detector scores where an input
-lies relative to the *training* images (higher = stranger). Five scores are available; the default three
-were picked by measurement (``fmnist ood-eval``, README) as the best combination, the others kept for
-comparison (``fmnist calibrate RUN --ood-parts ...``):
+lies relative to the *training* images (higher = stranger). Six scores are available; the default three were
+picked by measurement (``fmnist ood-eval``, README), the others kept for comparison
+(``fmnist calibrate RUN --ood-parts ...``):
 
-- ``knn`` (default): cosine distance to the nearest of 10,000 training feature vectors (5,000 for 512-wide
-  features; penultimate layer, L2-normalised). Catches inputs that land between or outside the class clusters.
+- ``energy`` (default): -log sum exp of the logits. Low when the network finds one class strongly; inputs
+  unlike its training images rarely raise any logit as high. Free: the logits are computed anyway.
 - ``orientation`` (default): how much more garment-like the image looks turned by 90, 180 or 270 degrees,
   under the ``pixel`` model below (NLL upright minus the best NLL turned). Garments have a strong upright
   orientation, so genuine images score very low; rotated garments score high, and anything without an
@@ -15,13 +15,19 @@ comparison (``fmnist calibrate RUN --ood-parts ...``):
   lit pixels, border brightness, extent of the object, edge density, centre of mass, left-right and
   top-bottom asymmetry). Catches pixel statistics no garment has. Blur and sharpness are left out on purpose:
   they flagged genuine garments sent as resized shop photos.
+- ``knn``: cosine distance to the nearest of 2,000 training feature vectors (penultimate layer, L2-normalised).
+  The default before ``energy``: weaker in the sum on every photo set measured.
 - ``pixel``: class-conditional probabilistic PCA of the pixels (30 components per class + isotropic rest).
 - ``mahalanobis``: class-conditional Mahalanobis distance of the features (shared covariance).
 
 Each score is standardised on the validation split (0 at its median, 1 at its 95th percentile) and the
-detector's score is the maximum: an input is rejected if *any* view finds it unusual. Statistics are fitted on
-the training split only; the threshold is the validation quantile that accepts ``target_accept`` (default
-95 %) of genuine images. No out-of-distribution data is used to fit or tune anything.
+detector's score is their *sum*. The sum was measured against the maximum: the maximum adds up the false
+alarms of every part (each flags 5 % of genuine images at its own 95th percentile), so at 95 % acceptance
+it needs a higher threshold and lets more through; the sum refuses an input that two views find somewhat
+odd and keeps one that a single view finds mildly odd. Runs fitted with the maximum (no ``"combine"`` in
+their ``model.json``) keep it, with the threshold it was set for. Statistics are fitted on the training
+split only; the threshold is the validation quantile that accepts ``target_accept`` (default 95 %) of
+genuine images. No out-of-distribution data is used to fit or tune anything.
 
 Storage: tensors in ``RUN/ood.safetensors``; threshold, standardisation and settings in ``model.json["ood"]``.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,34 +44,48 @@ from fmnist.checkpoint import CheckpointError, load_tensors, save_tensors
 OOD_FORMAT = "fmnist-ood/1"
 OOD_FILE = "ood.safetensors"
 DEFAULT_TARGET = 0.95
-PARTS = ("knn", "orientation", "stats", "pixel", "mahalanobis")
-DEFAULT_PARTS = ("knn", "orientation", "stats")
+PARTS = ("energy", "orientation", "stats", "knn", "pixel", "mahalanobis")
+DEFAULT_PARTS = ("energy", "orientation", "stats")
+NEEDS_NO_FIT = {"energy"}  # computed from the logits alone: no statistics to store
 KNN_K = 1
-BANK_SIZE = 10_000
-BANK_FLOATS = 2_560_000  # at most 10 MB of float32 bank: a bigger one slowed per-image prediction (memory-bound)
+BANK_SIZE = 2_000
+COMBINE = "sum"  # how standardised parts make one score; "max" for runs fitted before the sum was measured
 PIXEL_COMPONENTS = 30
 SHRINK = 1e-3  # covariance shrinkage towards the mean variance, relative: keeps inverses stable
+
+
+class FeaturesAndLogits(torch.nn.Module):
+    """(penultimate features, logits) of a normalised (N, 1, 28, 28) batch.
+
+    With ``tta`` the features are the mean of the image's and its mirror's, computed in one call of the
+    network (half the per-call overhead that dominates small batches); the head being linear,
+    ``head(mean features)`` is the mean of the two logits, exactly what ``batched_logits`` computes.
+    """
+
+    def __init__(self, model: torch.nn.Module, tta: bool):
+        super().__init__()
+        self.model, self.tta = model, tta
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tta:
+            f = self.model.features(torch.cat([x, x.flip(3)])).float()
+            f = f.view(2, -1, f.shape[1]).mean(0)
+        else:
+            f = self.model.features(x).float()
+        return f, self.model.head(f).float()
 
 
 @torch.inference_mode()
 def features_and_logits(model: torch.nn.Module, x: torch.Tensor, tta: bool = False, batch_size: int = 512,
                         device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features and logits of a normalised (N, 1, 28, 28) batch, in one forward pass.
-
-    With ``tta`` the features are the mean of the image's and its mirror's; the head being linear,
-    ``head(mean features)`` is the mean of the two logits, exactly what ``batched_logits`` computes.
-    """
+    """Penultimate features and logits of a normalised (N, 1, 28, 28) batch (see :class:`FeaturesAndLogits`)."""
     device = device or next(model.parameters()).device
+    forward = FeaturesAndLogits(model, tta)
     feats, logits = [], []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
-        if tta:  # the image and its mirror in one call: half the per-call overhead that dominates small batches
-            f = model.features(torch.cat([xb, xb.flip(3)])).float()
-            f = 0.5 * (f[:len(xb)] + f[len(xb):])
-        else:
-            f = model.features(xb).float()
+        f, lg = forward(x[i:i + batch_size].to(device).contiguous(memory_format=torch.channels_last))
         feats.append(f)
-        logits.append(model.head(f).float())
+        logits.append(lg)
     if not feats:
         return torch.empty(0, model.head.in_features), torch.empty(0, model.head.out_features)
     return torch.cat(feats).cpu(), torch.cat(logits).cpu()
@@ -77,9 +98,16 @@ def pixels01(images28) -> torch.Tensor:
 
 # --- fitting and scoring each part ---------------------------------------------------------------------------
 
+# Scoring runs in NumPy: a served request scores one image, where PyTorch's per-operation overhead (~10 us,
+# some 60 small operations) cost more than the arithmetic; NumPy's is a few microseconds.
+
+def _np(x) -> np.ndarray:
+    return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32, copy=False)
+
+
 def _gaussians(x: torch.Tensor, labels: torch.Tensor, num_classes: int, shared: bool) -> tuple:
     """Class means and precision matrices (one shared, or one per class) with their log-determinants."""
-    x = x.double()
+    x = torch.as_tensor(x).double()
     means = torch.stack([x[labels == c].mean(0) for c in range(num_classes)])
     eye = torch.eye(x.shape[1], dtype=x.dtype)
     groups = [x - means[labels]] if shared else [x[labels == c] - means[c] for c in range(num_classes)]
@@ -88,37 +116,49 @@ def _gaussians(x: torch.Tensor, labels: torch.Tensor, num_classes: int, shared: 
     return means.float(), torch.linalg.inv(covs).float(), torch.logdet(covs).float()
 
 
-def _gaussian_nll(x: torch.Tensor, means, precisions, logdets) -> torch.Tensor:
-    """min over classes of (x - m)' P (x - m) + log det C (shared P: broadcast)."""
-    z = x[:, None, :] - means[None]                                   # (N, C, D)
-    d = torch.einsum("ncd,cde,nce->nc", z, precisions.expand(len(means), -1, -1), z)
-    return (d + logdets).min(dim=1).values
+def _gaussian_nll(x, means, precisions, logdets) -> np.ndarray:
+    """min over classes of (x - m)' P (x - m) + log det C; ``precisions`` (C, D, D), or (1, D, D) if shared."""
+    z = (_np(x)[None] - _np(means)[:, None])                     # (C, N, D)
+    d = (np.matmul(z, _np(precisions)) * z).sum(2)               # (C, N)
+    return (d + _np(logdets)[:, None]).min(0)
 
 
-def image_stats(u: torch.Tensor) -> torch.Tensor:
-    """13 statistics of (N, 28, 28) images in [0, 1] that describe *how* a garment picture looks."""
-    u = u.float()
-    eps = 1e-3
-    mean, std = u.mean((1, 2)), u.std((1, 2))
-    lit, half, bright = ((u > t).to(u.dtype).mean((1, 2)) for t in (0.125, 0.5, 0.9))
-    ring = torch.ones(28, 28, dtype=torch.bool)
+def _linear_stats() -> np.ndarray:
+    """(784, 4) weights: mean, border mean, row and column of each pixel (for the centre of mass)."""
+    ring = np.ones((28, 28), bool)
     ring[2:-2, 2:-2] = False
-    border = u[:, ring].mean(1)
-    fg = u > 0.125
+    rows, cols = np.mgrid[0:28, 0:28].astype(np.float32) / 27
+    return np.stack([np.full(784, 1 / 784), ring.ravel() / ring.sum(), rows.ravel(), cols.ravel()], 1).astype(
+        np.float32)
 
-    def extent(on: torch.Tensor) -> torch.Tensor:  # rows/cols spanned by lit pixels, as a fraction of 28
-        first = on.to(torch.uint8).argmax(1)
-        last = 27 - on.flip(1).to(torch.uint8).argmax(1)
-        return torch.where(on.any(1), (last - first + 1).to(u.dtype), torch.zeros_like(mean)) / 28
 
-    edges = (u[:, :, 1:] - u[:, :, :-1]).abs().mean((1, 2)) + (u[:, 1:] - u[:, :-1]).abs().mean((1, 2))
-    idx = torch.arange(28, dtype=u.dtype)
-    mass = u.sum((1, 2)) + eps
-    cy, cx = (u.sum(2) @ idx) / mass / 27, (u.sum(1) @ idx) / mass / 27
-    lr = (u - u.flip(2)).abs().mean((1, 2)) / (mean + eps)
-    tb = (u - u.flip(1)).abs().mean((1, 2)) / (mean + eps)
-    return torch.stack([mean, std, lit, half, bright, border, extent(fg.any(2)), extent(fg.any(1)), edges,
-                        cy, cx, lr, tb], 1).float()
+_LINEAR = _linear_stats()
+_LEVELS = np.array([0.125, 0.5, 0.9], np.float32)[:, None]
+
+
+def image_stats(u) -> np.ndarray:
+    """13 statistics of (N, 28, 28) images in [0, 1] that describe *how* a garment picture looks.
+
+    Few array operations on purpose (each costs microseconds, whatever the size): a served request
+    computes them for one image.
+    """
+    u = _np(u).reshape(-1, 28, 28)
+    n, eps = len(u), np.float32(1e-3)
+    flat = u.reshape(n, -1)
+    lin = flat @ _LINEAR                                                     # (N, 4)
+    mean, border = lin[:, 0], lin[:, 1]
+    mass = mean * 784 + eps
+    cy, cx = lin[:, 2] / mass, lin[:, 3] / mass
+    std = np.sqrt(np.maximum((flat * flat).sum(1) - 784 * mean * mean, 0) / 783)
+    levels = (flat[:, None, :] > _LEVELS).mean(2, dtype=np.float32)          # (N, 3): lit, half, bright
+    fg = u > _LEVELS[0, 0]
+    spans = np.concatenate([fg.any(2), fg.any(1)], 0)                        # (2N, 28): rows, then columns
+    first, last = spans.argmax(1), 27 - spans[:, ::-1].argmax(1)
+    extent = (np.where(spans.any(1), last - first + 1, 0) / 28).astype(np.float32).reshape(2, n)
+    edges = (np.abs(np.diff(u, axis=2)).sum((1, 2)) + np.abs(np.diff(u, axis=1)).sum((1, 2))) / 756
+    asym = np.abs(np.stack([u - u[:, :, ::-1], u - u[:, ::-1]])).mean((2, 3)) / (mean + eps)  # (2, N)
+    return np.stack([mean, std, levels[:, 0], levels[:, 1], levels[:, 2], border, extent[0], extent[1], edges,
+                     cy, cx, asym[0], asym[1]], 1).astype(np.float32)
 
 
 def _fit_pixel(u: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int) -> dict:
@@ -143,61 +183,87 @@ def _fit_pixel(u: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int) 
 
 
 def _pixel_derived(t: dict) -> dict:
-    """Per-model constants of the pixel score, computed once when a detector is built (not stored)."""
-    means, comps = t["pixel.means"], t["pixel.components"]                     # (C, D), (C, k, D)
+    """Per-model constants of the pixel score (NumPy), computed once when a detector is built (not stored).
+
+    ``pixel.turns_t`` holds, for the image and its three quarter turns, the class components and means with
+    their pixels permuted by the turn: turning an image permutes its pixels, so ``rot(x) . w == x . w'``
+    and one matrix product scores all four orientations.
+    """
+    means, comps = _np(t["pixel.means"]), _np(t["pixel.components"])           # (C, D), (C, k, D)
     num_classes, k, d = comps.shape
-    var, rest = t["pixel.variances"], t["pixel.residual"]
+    var, rest = _np(t["pixel.variances"]).astype(np.float64), _np(t["pixel.residual"]).astype(np.float64)
+    w = np.concatenate([comps.reshape(num_classes * k, d), means]).T          # (D, C*k + C)
+    side = int(round(d ** 0.5))
+    turns = []
+    for q in range(4):
+        perm = np.rot90(np.arange(d).reshape(side, side), q).ravel()  # rot(x).ravel() == x.ravel()[perm]
+        turns.append(w[np.argsort(perm)])
     return {
-        "pixel.components_t": comps.reshape(num_classes * k, d).T.contiguous(),  # (D, C*k)
-        "pixel.means_t": means.T.contiguous(),                                  # (D, C)
-        "pixel.means_proj": torch.einsum("cd,ckd->ck", means, comps),          # (C, k)
-        "pixel.means_sq": (means * means).sum(1),                               # (C,)
-        "pixel.inv_var": 1.0 / var,
-        "pixel.const": var.log().sum(1) + (d - k) * rest.log(),                 # (C,)
+        "pixel.turns_t": np.ascontiguousarray(np.concatenate(turns, 1)),       # (D, 4 * (C*k + C))
+        "pixel.means_proj": np.einsum("cd,ckd->ck", means, comps),            # (C, k)
+        "pixel.means_sq": (means * means).sum(1),                              # (C,)
+        "pixel.inv_var": (1.0 / var).astype(np.float32),
+        "pixel.inv_rest": (1.0 / rest).astype(np.float32),
+        "pixel.const": (np.log(var).sum(1) + (d - k) * np.log(rest)).astype(np.float32),  # (C,)
     }
 
 
-def _score_pixel(t: dict, u: torch.Tensor) -> torch.Tensor:
-    """Probabilistic-PCA negative log-likelihood (x2, constants dropped), min over classes.
+def _pixel_nll(t: dict, u, turns: int = 1) -> np.ndarray:
+    """Probabilistic-PCA negative log-likelihood (x2, constants dropped), min over classes: (N, turns).
 
-    Written with matrix products against the stacked class components, so no (N, classes, 784) difference
-    tensor is ever built: ||x - m||^2 = ||x||^2 - 2 x.m + ||m||^2 and (x - m).V = x.V - m.V.
+    Column q scores the image turned q quarter turns. Written with matrix products against the stacked class
+    components, so no (N, classes, 784) difference tensor is ever built: ||x - m||^2 = ||x||^2 - 2 x.m +
+    ||m||^2 and (x - m).V = x.V - m.V.
     """
     if "pixel.const" not in t:
         t = {**t, **_pixel_derived(t)}
-    x = u.flatten(1).float()
+    x = _np(u).reshape(len(u), -1)
     num_classes, k = t["pixel.means_proj"].shape
-    p = (x @ t["pixel.components_t"]).reshape(-1, num_classes, k) - t["pixel.means_proj"]   # (N, C, k)
-    zz = (x * x).sum(1, keepdim=True) - 2 * x @ t["pixel.means_t"] + t["pixel.means_sq"]   # (N, C)
+    width = num_classes * (k + 1)
+    proj = (x @ t["pixel.turns_t"][:, :turns * width]).reshape(len(x), turns, width)
+    p = proj[..., :num_classes * k].reshape(len(x), turns, num_classes, k) - t["pixel.means_proj"]
+    zz = (x * x).sum(1)[:, None, None] - 2 * proj[..., num_classes * k:] + t["pixel.means_sq"]  # (N, T, C)
     pp = p * p
-    outside = (zz - pp.sum(2)).clamp(min=0)
-    nll = (pp * t["pixel.inv_var"]).sum(2) + outside / t["pixel.residual"] + t["pixel.const"]
-    return nll.min(dim=1).values
+    outside = np.maximum(zz - pp.sum(3), 0)
+    nll = (pp * t["pixel.inv_var"]).sum(3) + outside * t["pixel.inv_rest"] + t["pixel.const"]
+    return nll.min(2)
 
 
-def _score_orientation(t: dict, u: torch.Tensor) -> torch.Tensor:
-    turns = torch.cat([u] + [torch.rot90(u, k, (1, 2)) for k in (1, 2, 3)])  # one call: 4x fewer small ops
-    nll = _score_pixel(t, turns).reshape(4, len(u))
-    return nll[0] - nll[1:].amin(0)
+def _score_pixel(t: dict, u) -> np.ndarray:
+    return _pixel_nll(t, u)[:, 0]
 
 
-def _score_knn(t: dict, feats: torch.Tensor, k: int) -> torch.Tensor:
-    sims = F.normalize(feats.float(), dim=1) @ t["knn.bank_t"]  # (D, M) contiguous: the fastest layout
-    nearest = sims.amax(dim=1) if k == 1 else sims.topk(min(k, sims.shape[1]), dim=1).values[:, -1]
+def _score_orientation(t: dict, u) -> np.ndarray:
+    """How much better the image fits turned by a quarter, half or three-quarter turn than upright."""
+    nll = _pixel_nll(t, u, turns=4)
+    return nll[:, 0] - nll[:, 1:].min(1)
+
+
+def _score_energy(logits) -> np.ndarray:
+    """Negative free energy, -log sum exp(logits): low when some class's logit is high."""
+    z = _np(logits)
+    m = z.max(1)
+    return -(m + np.log(np.exp(z - m[:, None]).sum(1)))
+
+
+def _score_knn(t: dict, feats, k: int) -> np.ndarray:
+    f = _np(feats)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    sims = f @ t["knn.bank_t"]  # (D, M) contiguous: the fastest layout
+    nearest = sims.max(1) if k == 1 else -np.partition(-sims, min(k, sims.shape[1]) - 1, axis=1)[:, k - 1]
     return 1.0 - nearest
 
 
 def _fit_parts(parts, feats, labels, u, num_classes: int, bank_size: int, seed: int) -> dict:
     t: dict[str, torch.Tensor] = {}
     if "knn" in parts:
-        bank_size = min(bank_size, BANK_FLOATS // feats.shape[1])  # 10,000 for 256 features, 5,000 for 512
         idx = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:bank_size]
         t["knn.bank"] = F.normalize(feats[idx].float(), dim=1).half()  # half precision: half the file
     if "pixel" in parts or "orientation" in parts:
         t.update(_fit_pixel(u, labels, num_classes, PIXEL_COMPONENTS))
     if "stats" in parts:
         t["stats.means"], t["stats.precisions"], t["stats.logdets"] = _gaussians(
-            image_stats(u), labels, num_classes, shared=False)
+            torch.from_numpy(image_stats(u)), labels, num_classes, shared=False)
     if "mahalanobis" in parts:
         t["mahalanobis.means"], t["mahalanobis.precision"], _ = _gaussians(feats, labels, num_classes, shared=True)
     return t
@@ -209,25 +275,27 @@ class Detector:
     """Fitted statistics, standardisation and threshold; ``score(features, pixels) > threshold`` means OOD."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], config: dict):
-        self.tensors = dict(tensors)
-        # Derived tensors, computed once here rather than per call, and never saved.
-        derived: dict[str, torch.Tensor] = {}
-        if "knn.bank" in self.tensors:
-            derived["knn.bank_t"] = self.tensors["knn.bank"].float().T.contiguous()
-        if "pixel.means" in self.tensors:
-            derived.update(_pixel_derived(self.tensors))
-        self.tensors.update(derived)
-        self.derived = set(derived)
+        self.tensors = dict(tensors)  # what is saved
+        # What scoring reads: NumPy float32 copies, with the derived constants computed once here, not per call.
+        self.arrays = {k: _np(v) for k, v in self.tensors.items()}
+        if "knn.bank" in self.arrays:
+            self.arrays["knn.bank_t"] = np.ascontiguousarray(self.arrays["knn.bank"].T)
+        if "pixel.means" in self.arrays:
+            self.arrays.update(_pixel_derived(self.arrays))
         self.config = config
         self.parts = list(config["parts"])
+        self.rule = config.get("combine", "max")  # runs fitted before the sum keep the rule of their threshold
+        if self.rule not in ("sum", "max"):
+            raise CheckpointError(f"unknown OOD combination rule {self.rule!r}")
         self.threshold = float(config.get("threshold", float("inf")))
 
     @classmethod
     def fit(cls, train_feats: torch.Tensor, train_labels: torch.Tensor, train_pixels: torch.Tensor,
             val_feats: torch.Tensor, val_pixels: torch.Tensor, num_classes: int,
             target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS, bank_size: int = BANK_SIZE,
-            seed: int = 0) -> Detector:
-        """Fit on training features and pixels (in [0, 1]); standardise and set the threshold on validation."""
+            seed: int = 0, val_logits: torch.Tensor | None = None) -> Detector:
+        """Fit on training features and pixels (in [0, 1]); standardise and set the threshold on validation
+        (features, pixels and, for the energy score, logits)."""
         parts = list(parts)
         unknown = sorted(set(parts) - set(PARTS))
         if unknown or not parts:
@@ -237,53 +305,67 @@ class Detector:
             raise ValueError("the target acceptance rate must be between 0 and 1 (e.g. 0.95)")
         tensors = _fit_parts(parts, train_feats, train_labels.long(), train_pixels.reshape(-1, 28, 28).float(),
                              num_classes, bank_size, seed)
-        det = cls(tensors, {"format": OOD_FORMAT, "parts": parts, "knn_k": KNN_K})
-        raw = det.part_scores(val_feats, val_pixels)
+        det = cls(tensors, {"format": OOD_FORMAT, "parts": parts, "knn_k": KNN_K, "combine": COMBINE})
+        raw = det.part_scores(val_feats, val_pixels, val_logits)
         det.config["standardise"] = {name: _robust_scale(s) for name, s in raw.items()}
         det.set_threshold(det.combine(_standardise(raw, det.config["standardise"])), target_accept)
         det.config.update({
-            "method": "max of validation-standardised scores: " + ", ".join(parts),
+            "method": f"{COMBINE} of validation-standardised scores: " + ", ".join(parts),
             "fit_on": f"training split ({len(train_feats)} images)",
             "threshold_on": f"validation split ({len(val_feats)} images)",
         })
         return det
 
-    @torch.inference_mode()
-    def part_scores(self, feats: torch.Tensor, pixels: torch.Tensor, chunk: int = 1024) -> dict[str, torch.Tensor]:
-        """Raw score of each part, in chunks (the pixel model's intermediate is N x classes x 784 floats)."""
-        u = pixels.reshape(-1, 28, 28).float()
+    def part_scores(self, feats, pixels, logits=None) -> dict[str, torch.Tensor]:
+        """Raw score of each part."""
+        return {name: torch.from_numpy(v) for name, v in self._raw(feats, pixels, logits).items()}
+
+    def _raw(self, feats, pixels, logits=None, chunk: int = 1024) -> dict[str, np.ndarray]:
+        """Raw score of each part (NumPy), in chunks (the orientation score turns each image four ways)."""
+        u = _np(pixels).reshape(-1, 28, 28)
+        if "energy" in self.parts and logits is None:
+            raise ValueError("this OOD detector's energy score needs the model's logits")
         if len(u) > chunk:
-            pieces = [self.part_scores(feats[i:i + chunk], u[i:i + chunk], chunk) for i in range(0, len(u), chunk)]
-            return {name: torch.cat([p[name] for p in pieces]) for name in self.parts}
-        out = {}
+            pieces = [self._raw(feats[i:i + chunk], u[i:i + chunk], None if logits is None else logits[i:i + chunk],
+                                chunk) for i in range(0, len(u), chunk)]
+            return {name: np.concatenate([p[name] for p in pieces]) for name in self.parts}
+        t, out = self.arrays, {}
         for name in self.parts:
-            if name == "knn":
-                out[name] = _score_knn(self.tensors, feats, int(self.config.get("knn_k", KNN_K)))
+            if name == "energy":
+                out[name] = _score_energy(logits)
+            elif name == "knn":
+                out[name] = _score_knn(t, feats, int(self.config.get("knn_k", KNN_K)))
             elif name == "orientation":
-                out[name] = _score_orientation(self.tensors, u)
+                out[name] = _score_orientation(t, u)
             elif name == "pixel":
-                out[name] = _score_pixel(self.tensors, u)
+                out[name] = _score_pixel(t, u)
             elif name == "stats":
-                t = self.tensors
                 out[name] = _gaussian_nll(image_stats(u), t["stats.means"], t["stats.precisions"],
                                           t["stats.logdets"])
             elif name == "mahalanobis":
-                t = self.tensors
-                out[name] = _gaussian_nll(feats.float(), t["mahalanobis.means"], t["mahalanobis.precision"],
-                                          torch.zeros(len(t["mahalanobis.means"])))
-        return out
+                out[name] = _gaussian_nll(feats, t["mahalanobis.means"], t["mahalanobis.precision"],
+                                          np.zeros(len(t["mahalanobis.means"]), np.float32))
+        return {name: np.asarray(v, np.float32) for name, v in out.items()}
 
-    def standardised(self, feats: torch.Tensor, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return _standardise(self.part_scores(feats, pixels), self.config["standardise"])
+    def standardised(self, feats, pixels, logits=None) -> dict[str, torch.Tensor]:
+        """Each part's score on the common scale: (score - validation median) / (95th percentile - median)."""
+        return {name: torch.from_numpy(v) for name, v in self._standardised(feats, pixels, logits).items()}
 
-    @staticmethod
-    def combine(standardised: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The detector's score from its standardised parts: the highest (any view finding it unusual)."""
-        return torch.stack(list(standardised.values())).amax(dim=0)
+    def _standardised(self, feats, pixels, logits=None) -> dict[str, np.ndarray]:
+        return _standardise(self._raw(feats, pixels, logits), self.config["standardise"])
 
-    def score(self, feats: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        """The OOD score of each input: max over parts of (score - median) / (95th percentile - median)."""
-        return self.combine(self.standardised(feats, pixels))
+    def combine(self, standardised: dict) -> torch.Tensor:
+        """The detector's score from its standardised parts: their sum (or, for older runs, the highest)."""
+        stacked = np.stack([_np(v) for v in standardised.values()])
+        return torch.from_numpy(stacked.sum(0) if self.rule == "sum" else stacked.max(0))
+
+    def score(self, feats, pixels, logits=None) -> torch.Tensor:
+        """The OOD score of each input: the sum over parts of (score - median) / (95th percentile - median).
+
+        ``feats``: penultimate features, ``pixels``: (N, 28, 28) in [0, 1], ``logits``: the model's (for the
+        energy score).
+        """
+        return self.combine(self._standardised(feats, pixels, logits))
 
     def set_threshold(self, val_scores: torch.Tensor, target_accept: float) -> None:
         """Accept ``target_accept`` of genuine images: a quantile of the validation scores.
@@ -301,8 +383,7 @@ class Detector:
 
     def save(self, run_dir) -> dict:
         """Write RUN/ood.safetensors; return the JSON part for ``model.json["ood"]``."""
-        tensors = {k: v for k, v in self.tensors.items() if k not in self.derived}
-        save_tensors(Path(run_dir) / OOD_FILE, tensors, metadata={"format": OOD_FORMAT})
+        save_tensors(Path(run_dir) / OOD_FILE, self.tensors, metadata={"format": OOD_FORMAT})
         return dict(self.config)
 
     @classmethod
@@ -316,15 +397,17 @@ class Detector:
             raise CheckpointError(f"{path}: unsupported OOD format {config.get('format')!r}")
         det = cls(load_tensors(path), config)
         need = {"orientation": "pixel"}
-        missing = [n for n in det.parts if not any(k.startswith(need.get(n, n) + ".") for k in det.tensors)]
+        missing = [n for n in det.parts if n not in NEEDS_NO_FIT
+                   and not any(k.startswith(need.get(n, n) + ".") for k in det.tensors)]
         if missing or set(config.get("standardise", {})) != set(det.parts):
             raise CheckpointError(f"{path} lacks the statistics of {', '.join(missing) or 'standardisation'}: "
                                   "refit with `fmnist calibrate RUN`")
         return det
 
 
-def _standardise(raw: dict[str, torch.Tensor], std: dict) -> dict[str, torch.Tensor]:
-    return {n: (s - std[n][0]) / std[n][1] for n, s in raw.items()}
+def _standardise(raw: dict, std: dict) -> dict:
+    """(score - validation median) / (95th percentile - median), part by part (arrays or tensors, float32)."""
+    return {n: (s - np.float32(std[n][0])) / np.float32(std[n][1]) for n, s in raw.items()}
 
 
 def _robust_scale(s: torch.Tensor) -> list[float]:

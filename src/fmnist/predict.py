@@ -107,7 +107,7 @@ class Predictor:
         feats, logits = features_and_logits(self.model, preprocess(images28, self.spec), tta=self.tta,
                                             device=self.device)
         probs = torch.softmax(logits / self.temperature, dim=1)
-        ood = self.detector.score(feats, pixels01(images28)) if self.detector is not None else None
+        ood = self.detector.score(feats, pixels01(images28), logits) if self.detector is not None else None
         return probs, ood
 
     def probabilities(self, images28: np.ndarray) -> torch.Tensor:

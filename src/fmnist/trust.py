@@ -63,7 +63,7 @@ def fit_trust(run_dir, data, train_idx, val_idx, target_accept: float = DEFAULT_
 
     calibration = calibrate(va_logits, va_labels)
     detector = Detector.fit(tr_feats, tr_labels, tr_pix, va_feats, va_pix, num_classes,
-                            target_accept=target_accept, parts=parts, seed=seed)
+                            target_accept=target_accept, parts=parts, seed=seed, val_logits=va_logits)
     ood_meta = detector.save(run_dir)
     # Re-read model.json right before writing: only our two keys change.
     meta = read_json(run_dir / "model.json")

@@ -159,7 +159,7 @@ def _score(predictor, items) -> dict:
     imgs = np.stack([predictor.to_image28(it) for it in items])
     feats, logits = features_and_logits(predictor.model, preprocess(imgs, predictor.spec), tta=predictor.tta)
     probs = torch.softmax(logits / predictor.temperature, dim=1)
-    parts = predictor.detector.standardised(feats, pixels01(imgs))
+    parts = predictor.detector.standardised(feats, pixels01(imgs), logits)
     ood = predictor.detector.combine(parts)
     conf = probs.max(1).values
     reasons = [predictor.reason(im, float(c), float(s)) for im, c, s in zip(imgs, conf, ood)]
@@ -235,7 +235,7 @@ def format_ood_table(report: dict, by_part: bool = False) -> str:
               ("AUROC: genuine test images vs the set, by OOD score. FPR@95%TPR: share of the set accepted when 95 % "
                "of test images are. rejected: at the run's threshold, by the OOD gate alone / for any reason "
                "(blank, out_of_distribution, low_confidence). shop-photos: test garments re-drawn as product "
-               "photos (should be accepted). * kept unseen while the detector was chosen.")]
+               "photos (should be accepted). * not used to choose the detector's scores (see the README).")]
     if by_part:
         parts = list(next(iter(report["sets"].values())).get("auroc_by_part", {}))
         lines += ["", "AUROC of each OOD score alone:", f"{'set':<18}" + "".join(f"{p:>13}" for p in parts)]
