@@ -17,6 +17,7 @@ from fmnist.calibrate import (
     nll,
 )
 from fmnist.cli import main
+from fmnist.ood import DEFAULT_PARTS
 
 
 def overconfident(n: int = 4000, true_t: float = 2.5, seed: int = 0):
@@ -91,5 +92,5 @@ def test_calibrate_command_refits_a_run_without_trust(tmp_path, trained_run, idx
     assert "validation" in out and "test" in out and "ECE" in out and "Brier" in out
     meta = json.loads((run / "model.json").read_text())
     assert meta["calibration"]["temperature"] > 0 and "ece_after" in meta["calibration"]["test"]
-    assert meta["ood"]["parts"] == ["knn", "orientation", "stats"]
+    assert meta["ood"]["parts"] == list(DEFAULT_PARTS) and meta["ood"]["combine"] == "sum"
     assert (run / "ood.safetensors").is_file()
