@@ -332,6 +332,19 @@ def test_exif_orientation_and_first_frame_of_pil_inputs():
     assert _metrics(first, to_dataset_format(ref))[1] > 0.9
 
 
+def test_dataset_format_pil_image_passes_unchanged_unless_exif_turns_it():
+    a = np.zeros((28, 28), np.uint8)
+    a[2:26, 6:22] = 250
+    a[2:10, 6:22] = 120  # a dimmer top: the turn is visible
+    np.testing.assert_array_equal(to_dataset_format(Image.fromarray(a)), a)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # display turned by 180 degrees
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG", exif=exif.tobytes())
+    opened = Image.open(io.BytesIO(buf.getvalue()))
+    np.testing.assert_array_equal(to_dataset_format(opened), np.rot90(a, 2))
+
+
 @pytest.mark.parametrize("bad", [np.zeros(5), np.zeros((6, 6, 5)), np.zeros((0, 10)),
                                  np.array([["a", "b"], ["c", "d"]])])
 def test_bad_arrays_raise_image_error(bad):

@@ -7,6 +7,7 @@ taken) *before* FastAPI parses the multipart body; decoding and inference then r
 are busy are served together by one model call (:mod:`fmnist.serve.batching`).
 """
 import functools
+import gc
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -140,6 +141,10 @@ async def _lifespan(app: FastAPI):
     predictor = await anyio.to_thread.run_sync(load)
     fused = optimize_for_inference(predictor.model)
     await anyio.to_thread.run_sync(_warm_up, predictor)  # first calls allocate; keep that off requests
+    # Everything allocated so far (PyTorch, the model, FastAPI) lives as long as the server: move it out of the
+    # garbage collector's reach, so that its full collections no longer walk it in the middle of requests.
+    gc.collect()
+    gc.freeze()
     app.state.predictor = predictor
     app.state.batcher = Batcher(predictor, s.max_pixels, workers=s.threads, max_images=max(64, s.max_batch))
     app.state.model_info = json.dumps(jsonable(_model_info(predictor, s))).encode()
