@@ -123,8 +123,13 @@ class Predictor:
             return []
         batch = np.stack(images)
         probs, ood = self.analyse(batch)
-        ood = [None] * len(batch) if ood is None else [float(s) for s in ood]
-        return [self._result(img, p, s, return_image) for img, p, s in zip(batch, probs, ood)]
+        ood = [None] * len(batch) if ood is None else ood.tolist()
+        # Top classes of the whole batch at once, as plain Python numbers (per-row tensor calls cost more).
+        probs = probs.double().numpy()
+        ids = np.argsort(-probs, axis=1, kind="stable")[:, :self.top_k]
+        scores = np.take_along_axis(probs, ids, axis=1)
+        return [self._result(img, s, i, o, return_image)
+                for img, s, i, o in zip(batch, scores.tolist(), ids.tolist(), ood)]
 
     def reason(self, img: np.ndarray, score: float, ood_score: float | None) -> str | None:
         """Why an answer is refused (None: accepted). Order: nothing to see, not a garment, not sure which."""
@@ -136,10 +141,9 @@ class Predictor:
             return "low_confidence"
         return None
 
-    def _result(self, img: np.ndarray, p: torch.Tensor, ood_score: float | None, return_image: bool) -> dict:
-        scores, ids = p.topk(self.top_k)
-        best = int(ids[0])
-        score = float(scores[0])
+    def _result(self, img: np.ndarray, scores: list[float], ids: list[int], ood_score: float | None,
+                return_image: bool) -> dict:
+        best, score = ids[0], scores[0]
         reason = self.reason(img, score, ood_score)
         out = {
             "label": self.class_names[best],
@@ -148,7 +152,7 @@ class Predictor:
             "accepted": reason is None,
             "reason": reason,
             "ood_score": ood_score,
-            "top_k": [{"label": self.class_names[int(i)], "score": float(s)} for s, i in zip(scores, ids)],
+            "top_k": [{"label": self.class_names[i], "score": s} for s, i in zip(scores, ids)],
         }
         if return_image:
             out["image"] = img

@@ -143,7 +143,7 @@ def _looks_like_dataset(a: np.ndarray) -> bool:
     """
     if a.dtype != np.uint8 or a.shape != (_SIZE, _SIZE) or a.max() < 200:
         return False
-    if np.median(_border_pixels(a)) > 127:
+    if _median(_border_pixels(a)) > 127:
         corners = [a[:3, :3], a[:3, -3:], a[-3:, :3], a[-3:, -3:]]
         if sum(float(c.mean()) < 64 for c in corners) < 2:
             return False
@@ -321,6 +321,14 @@ def _background(border: np.ndarray) -> tuple[float, float]:
     near = border[np.abs(border - bg) <= 4 * _FG_MIN_LEVEL]
     noise = 1.4826 * float(np.median(np.abs(near - bg))) if near.size else 0.0
     return bg, noise
+
+
+def _median(x: np.ndarray) -> float:
+    """np.median of a 1-D array without NaNs: several times faster on the small arrays it gets here."""
+    n = len(x)
+    h = n // 2
+    part = np.partition(x, [h - 1, h] if n % 2 == 0 else h)
+    return float(part[h]) if n % 2 else (float(part[h - 1]) + float(part[h])) / 2
 
 
 def _border_pixels(a: np.ndarray) -> np.ndarray:
