@@ -159,10 +159,14 @@ def _plain_uint8_28(image) -> np.ndarray | None:
         return image if image.dtype == np.uint8 and image.shape == (_SIZE, _SIZE) else None
     from PIL import Image
 
-    if (isinstance(image, Image.Image) and image.mode == "L" and image.size == (_SIZE, _SIZE)
-            and getattr(image, "n_frames", 1) == 1 and image.getexif().get(0x0112, 1) == 1):
-        return np.asarray(image)
-    return None
+    if not (isinstance(image, Image.Image) and image.mode == "L" and image.size == (_SIZE, _SIZE)
+            and getattr(image, "n_frames", 1) == 1):
+        return None
+    try:
+        turned = image.getexif().get(0x0112, 1) != 1
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: the long way copes with it
+        return None
+    return None if turned else np.asarray(image)
 
 
 def _planes(image) -> tuple[np.ndarray, np.ndarray | None]:
