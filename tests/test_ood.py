@@ -203,6 +203,17 @@ def test_photo_and_digit_sets_use_the_optional_extras():
     assert all(min(im.shape[:2]) >= 16 for im in ood_sets.photo_crops(5, rng))
     assert ood_sets.animal(3, rng)[0].shape == (300, 451, 3)  # the whole cat photo comes first
     assert all(im.shape in {(s, s) for s in range(32, 65, 8)} for im in ood_sets.digits(5, rng))
+    other, shapes = ood_sets.other_photos(8, rng), ood_sets.silhouettes(4, rng)
+    assert all(im.dtype == np.uint8 and min(im.shape[:2]) >= 16 for im in other)
+    assert {im.shape[:2] for im in shapes[1::2]} == {(64, 64)}  # every other one is a blob image
+    assert all(set(np.unique(im)) <= {0, 255} for im in shapes)
+
+
+def test_sample_photos_set_uses_matplotlibs_images():
+    pytest.importorskip("matplotlib")
+    imgs = ood_sets.sample_photos(8, np.random.default_rng(0))
+    assert len(imgs) == 8 and all(im.dtype == np.uint8 and min(im.shape[:2]) >= 16 for im in imgs)
+    assert {im.ndim for im in imgs} == {2, 3}  # colour photos and grey maps/scans
 
 
 def test_ood_eval_prints_the_table_and_writes_json(tmp_path, trained_run, idx_dir, capsys):
