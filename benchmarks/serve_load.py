@@ -189,9 +189,9 @@ def in_process(run: str, images: list[bytes], repeat: int) -> dict:
     import fmnist
     from fmnist.images import MAX_PIXELS
     from fmnist.ood import features_and_logits
-    from fmnist.serve.inference import optimize_for_inference, predict_uploads
+    from fmnist.serve.inference import optimize_for_inference, predict_uploads, single_threaded_compute
 
-    torch.set_num_threads(1)  # as the server runs it: one PyTorch thread per worker
+    single_threaded_compute()  # as the server runs it: one PyTorch and one BLAS thread
     plain = fmnist.load(run)
     served = fmnist.load(run)
     optimize_for_inference(served.model)  # as the server does at start-up

@@ -492,6 +492,23 @@ def test_optimised_model_computes_the_same(name):
         torch.testing.assert_close(optimised.features(x), model.features(x), atol=1e-4, rtol=1e-4)
 
 
+def test_server_computes_on_one_thread():
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from fmnist.serve.inference import single_threaded_compute
+
+    before = torch.get_num_threads()
+    with threadpool_limits(None):  # puts the BLAS limits back on exit
+        try:
+            single_threaded_compute()
+            assert torch.get_num_threads() == 1
+            blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+            assert blas and all(p["num_threads"] == 1 for p in blas)
+        finally:
+            torch.set_num_threads(before)
+
+
 def test_png_encoder_round_trips():
     from fmnist.serve.inference import png_base64
 

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 import fmnist
 from fmnist.images import MAX_PIXELS
 from fmnist.serve.batching import Batcher
-from fmnist.serve.inference import UploadError, jsonable, optimize_for_inference
+from fmnist.serve.inference import UploadError, jsonable, optimize_for_inference, single_threaded_compute
 from fmnist.serve.limits import BodySizeLimit, Gate
 from fmnist.serve.texts import GENERIC_REASON, REASON_TEXTS, class_info
 
@@ -129,9 +129,8 @@ async def _lifespan(app: FastAPI):
     s: Settings = app.state.settings
     from fmnist.predict import Predictor
 
-    # Bounded threads: `threads` workers, each running PyTorch on one thread (a single 28x28 image gains
-    # nothing from intra-op parallelism, and spinning OpenMP threads would fight the event loop for cores).
-    torch.set_num_threads(1)
+    # Bounded threads: `threads` workers, each running PyTorch and NumPy on one thread.
+    single_threaded_compute()
     torch.set_flush_denormal(True)  # denormal floats can slow CPU kernels many times over
     # Starlette's own blocking work (static files, large uploads spooled to disk) uses anyio's default
     # pool of 40 threads; a few are plenty here.
