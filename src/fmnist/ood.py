@@ -266,8 +266,8 @@ class Detector:
         self.tensors = dict(tensors)  # what is saved
         # What scoring reads: NumPy float32 copies, with the derived constants computed once here, not per call.
         self.arrays = {k: _np(v) for k, v in self.tensors.items()}
-        if "knn.bank" in self.arrays:
-            self.arrays["knn.bank_t"] = np.ascontiguousarray(self.arrays["knn.bank"].T)
+        if "knn.bank" in self.arrays:  # kept transposed only: (D, M) is the layout the product reads fastest
+            self.arrays["knn.bank_t"] = np.ascontiguousarray(self.arrays.pop("knn.bank").T)
         if "pixel.means" in self.arrays:
             self.arrays.update(_pixel_derived(self.arrays))
         self.config = config
