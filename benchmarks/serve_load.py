@@ -184,29 +184,26 @@ def start_server(run: str, threads: int, max_concurrency: int) -> tuple[subproce
 
 def in_process(run: str, images: list[bytes], repeat: int) -> dict:
     """Latency of one request's work without HTTP, of the Python API, and of the model alone."""
-    import torch
-
     import fmnist
+    from fmnist.forward import forward
     from fmnist.images import MAX_PIXELS
-    from fmnist.ood import features_and_logits
-    from fmnist.serve.inference import optimize_for_inference, predict_uploads, single_threaded_compute
+    from fmnist.serve.inference import run_batch, single_threaded_compute
 
     single_threaded_compute()  # as the server runs it: one PyTorch and one BLAS thread
     plain = fmnist.load(run)
-    served = fmnist.load(run)
-    optimize_for_inference(served.model)  # as the server does at start-up
-    x = torch.zeros(1, 1, 28, 28)
+    served = fmnist.load(run, fold_bn=True)  # as the server loads it
+    x = np.zeros((1, 1, 28, 28), np.float32)
 
     def model_only():
-        features_and_logits(served.model, x, tta=served.tta)
+        forward(served.backend, x, tta=served.run.tta)
 
     cases = {
-        "server work (decode, preprocess, model, PNG)": lambda i: predict_uploads(
-            served, [("image.png", images[i % len(images)])], MAX_PIXELS),
+        "server work (decode, preprocess, model, PNG)": lambda i: run_batch(
+            served, [[("image.png", images[i % len(images)])]], MAX_PIXELS),
         "Predictor.predict(png bytes), as loaded": lambda i: plain.predict(images[i % len(images)]),
         "model forward only (1 image, with its mirror if TTA)": lambda i: model_only(),
     }
-    out = {"model": plain.meta["model"], "tta": plain.tta, "repeat": repeat}
+    out = {"model": plain.run.model_name, "tta": plain.run.tta, "repeat": repeat}
     for name, fn in cases.items():
         for i in range(min(50, repeat)):
             fn(i)

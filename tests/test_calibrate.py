@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from fmnist.calibrate import (
+from fmnist.cli import main
+from fmnist.trust.calibration import (
     brier_score,
     calibrate,
     calibration_metrics,
@@ -16,8 +17,7 @@ from fmnist.calibrate import (
     fit_temperature,
     nll,
 )
-from fmnist.cli import main
-from fmnist.ood import DEFAULT_PARTS
+from fmnist.trust.ood import DEFAULT_PARTS
 
 
 def overconfident(n: int = 4000, true_t: float = 2.5, seed: int = 0):

@@ -9,19 +9,23 @@ import torch
 
 from fmnist import CLASS_NAMES
 from fmnist.checkpoint import (
-    MODEL_FORMAT,
     CheckpointError,
-    load_model,
     load_state,
     load_tensors,
     read_json,
-    save_model,
     save_state,
     save_tensors,
     write_json,
 )
 from fmnist.models import create_model
 from fmnist.preprocess import make_spec
+from fmnist.run import MODEL_FORMAT, Run, save_model
+
+
+def load_model(path):
+    """The weights and model.json of a run folder, through the one loader (:class:`fmnist.run.Run`)."""
+    run = Run.load(path)
+    return run.model(), run.meta
 
 
 class Payload:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 
@@ -9,7 +10,7 @@ import pytest
 from conftest import make_synthetic
 from PIL import Image
 
-from fmnist.cli import build_parser, main
+from fmnist.cli import main
 from fmnist.data import load_fashion_mnist, write_idx
 from fmnist.models import count_parameters, create_model, model_names
 from fmnist.train import resolve_config, train
@@ -69,23 +70,34 @@ def test_train_help_states_defaults(capsys, monkeypatch):
     for text in ("--batch-size", "--time-budget", "--label-smoothing", "--preset", "(default: s2d-32)",
                  "(default: 0.2)", "(default: 175)"):
         assert text in out, f"train --help lacks {text!r}"
-    for action in subparser("train")._actions:
-        if not action.option_strings or action.nargs == 0 or "--resume" in action.option_strings:
-            continue  # --help, store_true switches, and --resume (no meaningful default)
-        assert "default" in action.help, f"{action.option_strings} help does not state its default"
-        assert all("_" not in s for s in action.option_strings), f"{action.option_strings} is not kebab-case"
+    for flag, (takes_value, text) in flag_helps("train", capsys).items():
+        assert "_" not in flag, f"{flag} is not kebab-case"
+        if takes_value and flag != "--resume":  # --resume has no meaningful default
+            assert "default" in text, f"{flag} help does not state its default"
 
 
-def subparser(name: str):
-    return build_parser()._subparsers._group_actions[0].choices[name]
+def flag_helps(command: str, capsys) -> dict[str, tuple[bool, str]]:
+    """Each flag of `fmnist COMMAND --help`: (whether it takes a value, its whole help text)."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    blocks, current = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        m = re.match(r"^  (--[\w-]+)( [A-Z_]+)?", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = (m.group(2) is not None, line)
+        elif current and line.startswith("      "):
+            blocks[current] = (blocks[current][0], blocks[current][1] + " " + line.strip())
+        else:
+            current = None
+    assert blocks, f"no flags found in `fmnist {command} --help`"
+    return blocks
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
-def test_help_states_each_default_once(command):
-    parser = subparser(command)
-    formatter = parser._get_formatter()
-    doubled = [action.option_strings for action in parser._actions
-               if action.help and formatter._expand_help(action).count("(default") > 1]
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "calibrate", "ood-eval", "report", "serve"])
+def test_help_states_each_default_once(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    doubled = [flag for flag, (_, text) in flag_helps(command, capsys).items() if text.count("(default") > 1]
     assert doubled == []
 
 

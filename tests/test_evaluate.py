@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist.checkpoint import load_model
-from fmnist.evaluate import batched_logits, classification_metrics, evaluate_run, format_report
+from fmnist.evaluate import classification_metrics, evaluate_run, format_report
 from fmnist.preprocess import preprocess
+from fmnist.run import Run
 
 # Copies of the shared trained run leave out files other tests may have added to it.
 FRESH = shutil.ignore_patterns("metrics.json")
@@ -100,8 +100,11 @@ def test_evaluate_run_writes_metrics(run, synthetic_data):
     assert saved["model"] == "s2d-24" and saved["tta"] is True
     assert len(saved["per_class"]) == 10
     # the number reported is the model's accuracy on the test images, computed independently here
-    model, meta = load_model(run)
-    logits = batched_logits(model, preprocess(synthetic_data.test_images, meta["preprocessing"]), tta=True)
+    loaded = Run.load(run)
+    model = loaded.model()
+    x = preprocess(synthetic_data.test_images, loaded.spec)
+    with torch.no_grad():
+        logits = 0.5 * (model(x) + model(x.flip(3)))
     labels = synthetic_data.test_labels
     assert saved["accuracy"] == pytest.approx(float((logits.argmax(1) == labels).double().mean()))
     assert saved["loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-4)

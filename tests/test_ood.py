@@ -10,10 +10,11 @@ import torch
 from conftest import make_synthetic
 
 import fmnist
-from fmnist import ood_sets
 from fmnist.checkpoint import CheckpointError
 from fmnist.cli import main
-from fmnist.ood import DEFAULT_PARTS, PARTS, Detector, auroc, features_and_logits, fpr_at_tpr, pixels01
+from fmnist.trust import eval_sets as ood_sets
+from fmnist.trust.metrics import auroc, fpr_at_tpr
+from fmnist.trust.ood import DEFAULT_PARTS, PARTS, Detector, pixels01
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_auroc_and_fpr_on_known_scores():
 
 def test_pixel_model_matches_its_definition():
     """The pixel score (computed with matrix products) equals probabilistic PCA's NLL written out directly."""
-    from fmnist.ood import _fit_pixel, _score_pixel
+    from fmnist.trust.ood import _fit_pixel, _score_pixel
 
     gen = torch.Generator().manual_seed(0)
     u = torch.rand(600, 28, 28, generator=gen) ** 3
@@ -135,18 +136,6 @@ def test_unknown_part_and_bad_target_are_clear_errors(id_data):
         Detector.fit(tf, tl, tp, vf, vp, 10, parts=["odin"])
     with pytest.raises(ValueError, match="between 0 and 1"):
         Detector.fit(tf, tl, tp, vf, vp, 10, target_accept=95)
-
-
-def test_features_and_logits_match_the_models_tta_logits(trained_run, synthetic_data):
-    from fmnist.checkpoint import load_model
-    from fmnist.evaluate import batched_logits
-    from fmnist.preprocess import preprocess
-
-    model, meta = load_model(trained_run)
-    x = preprocess(synthetic_data.test_images[:64], meta["preprocessing"])
-    feats, logits = features_and_logits(model, x, tta=True)
-    assert feats.shape == (64, model.feature_dim)
-    torch.testing.assert_close(logits, batched_logits(model, x, tta=True), rtol=1e-4, atol=1e-4)
 
 
 def test_noise_is_rejected_through_the_public_api(trained_run):

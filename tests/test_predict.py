@@ -12,7 +12,8 @@ from PIL import Image
 
 import fmnist
 from fmnist.images import ImageError
-from fmnist.predict import DEFAULT_CONFIDENCE, Predictor
+from fmnist.predict import Predictor
+from fmnist.run import DEFAULT_CONFIDENCE
 
 # Copies of the shared trained run leave out files other tests may have added to it.
 FRESH = shutil.ignore_patterns("metrics.json")
@@ -76,7 +77,7 @@ def test_every_input_kind_gives_the_same_answer(tmp_path, predictor, images):
 
 
 def test_prediction_is_the_model_argmax(predictor, images):
-    probs = predictor.probabilities(images)
+    probs = predictor.analyse(images).probs
     assert probs.shape == (len(images), 10)
     torch.testing.assert_close(probs.sum(1), torch.ones(len(images)))
     for img, p in zip(images, probs):
@@ -140,7 +141,7 @@ def test_calibration_temperature_softens_scores(tmp_path, trained_run, images):
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=FRESH)
     meta = json.loads((run / "model.json").read_text())
     (run / "model.json").write_text(json.dumps({**meta, "calibration": {"temperature": 1.0}}))  # train calibrates
-    plain = fmnist.load(run).probabilities(images)
+    plain = fmnist.load(run).analyse(images).probs
     meta["calibration"] = {"temperature": 2.0}
     meta["thresholds"] = {"confidence": 0.42}
     (run / "model.json").write_text(json.dumps(meta))
@@ -148,7 +149,7 @@ def test_calibration_temperature_softens_scores(tmp_path, trained_run, images):
     assert calibrated.confidence_threshold == 0.42
     # softmax(z / T) is proportional to softmax(z) ** (1 / T)
     expected = plain.sqrt() / plain.sqrt().sum(1, keepdim=True)
-    torch.testing.assert_close(calibrated.probabilities(images), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(calibrated.analyse(images).probs, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_info_describes_the_model(tmp_path, trained_run):

@@ -16,15 +16,10 @@ pytest.importorskip("matplotlib")
 
 from fmnist import cli  # noqa: E402
 from fmnist.checkpoint import CheckpointError, read_json, write_json  # noqa: E402
-from fmnist.report import FIGURES, build_report, calibration_bins, format_compare, predict_test, run_row  # noqa: E402
-from fmnist.report_figures import overfit_start  # noqa: E402
-
-
-def run_cli(monkeypatch, argv) -> int:
-    # Until the lead lists fmnist.report in cli.COMMAND_MODULES, add it for the test (harmless once listed).
-    if "fmnist.report" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "fmnist.report"])
-    return cli.main(argv)
+from fmnist.report import FIGURES, build_report, calibration_bins, predict_test  # noqa: E402
+from fmnist.report.compare import format_compare, run_row  # noqa: E402
+from fmnist.report.figures import overfit_start  # noqa: E402
+from fmnist.run import Run  # noqa: E402
 
 
 @pytest.fixture()
@@ -89,7 +84,7 @@ def test_overfit_region_starts_at_the_validation_loss_minimum_only_when_loss_tur
 
 def test_figures_of_a_perfect_model_say_so_instead_of_failing():
     from fmnist import CLASS_NAMES
-    from fmnist.report_figures import confused_pairs, misclassified
+    from fmnist.report.figures import confused_pairs, misclassified
 
     images = np.random.default_rng(0).integers(0, 255, (20, 28, 28), dtype=np.uint8)
     labels = np.arange(20) % 10
@@ -100,11 +95,12 @@ def test_figures_of_a_perfect_model_say_so_instead_of_failing():
 
 
 def test_run_temperature_scales_the_probabilities(run_copy, synthetic_data):
-    plain = predict_test(run_copy, synthetic_data, limit=50, threads=1)
+    plain = predict_test(Run.load(run_copy), synthetic_data, limit=50, threads=1)
     meta = read_json(run_copy / "model.json")
     write_json(run_copy / "model.json", {**meta, "calibration": {"temperature": 3.0}})
-    hot = predict_test(run_copy, synthetic_data, limit=50, threads=1)
-    assert hot["temperature"] == 3.0
+    hot_run = Run.load(run_copy)
+    hot = predict_test(hot_run, synthetic_data, limit=50, threads=1)
+    assert hot_run.temperature == 3.0
     assert np.allclose(hot["logits"], plain["logits"])
     assert hot["probs"].max(1).mean() < plain["probs"].max(1).mean()  # softer, same ranking
     assert (hot["probs"].argmax(1) == plain["probs"].argmax(1)).all()
@@ -169,9 +165,9 @@ def test_report_without_history_skips_only_the_learning_curves(run_copy, synthet
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, synthetic_data, monkeypatch, capsys):
     with pytest.raises(CheckpointError, match="not a run folder"):
         build_report(tmp_path, data=synthetic_data)
-    assert run_cli(monkeypatch, ["report", str(tmp_path)]) == 2
+    assert cli.main(["report", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
-    assert run_cli(monkeypatch, ["report", str(tmp_path / "missing")]) == 2
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
 
 
@@ -184,7 +180,7 @@ def test_report_command_on_the_official_data(run_copy, monkeypatch, capsys):
         find_data_dir(download=False)
     except DataError:
         pytest.skip("official Fashion-MNIST files not available")
-    assert run_cli(monkeypatch, ["report", str(run_copy), "--limit", "500", "--threads", "1"]) == 0
+    assert cli.main(["report", str(run_copy), "--limit", "500", "--threads", "1"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert "test images<b>500</b>" in (run_copy / "report" / "index.html").read_text()
 
@@ -200,7 +196,7 @@ def test_compare_tables_two_runs_in_the_terminal_and_as_html(trained_run, run_co
     text = format_compare([run_row(trained_run), row])
     assert "87.65%" in text and text.splitlines()[0].startswith("run")
     html_path = tmp_path / "cmp.html"
-    assert run_cli(monkeypatch, ["compare", str(trained_run), str(run_copy), "--html", str(html_path)]) == 0
+    assert cli.main(["compare", str(trained_run), str(run_copy), "--html", str(html_path)]) == 0
     out = capsys.readouterr().out
     assert trained_run.name in out and "run" in out and "87.65%" in out
     page = html_path.read_text()
@@ -208,7 +204,7 @@ def test_compare_tables_two_runs_in_the_terminal_and_as_html(trained_run, run_co
 
 
 def test_compare_names_the_folder_that_is_not_a_run(trained_run, tmp_path, monkeypatch, capsys):
-    assert run_cli(monkeypatch, ["compare", str(trained_run), str(tmp_path), "--html", ""]) == 2
+    assert cli.main(["compare", str(trained_run), str(tmp_path), "--html", ""]) == 2
     assert f"{tmp_path} is not a run folder" in capsys.readouterr().err
 
 

@@ -463,35 +463,6 @@ def test_an_image_that_cannot_be_prepared_fails_only_its_request(trained_run, ga
     assert isinstance(out[2], UploadError) and "file 2 ('odd.png')" in out[2].detail
 
 
-@pytest.mark.parametrize("name", ["s2d-24", "tiny", "resnet-lite", "resnet9-s", "seed-a", "seed-b-mlp"])
-def test_optimised_model_computes_the_same(name):
-    import torch
-
-    from fmnist.models import create_model
-    from fmnist.serve.inference import optimize_for_inference
-
-    torch.manual_seed(0)
-    model = create_model(name)
-    for m in model.modules():  # BatchNorm statistics that are not the identity, so folding them is tested
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    model.eval()
-    optimised = create_model(name)
-    optimised.load_state_dict(model.state_dict())
-    optimised.eval()
-    folded = optimize_for_inference(optimised)
-    bn_left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in optimised.modules())
-    if name in ("s2d-24", "tiny", "resnet-lite", "resnet9-s"):
-        assert folded > 0 and bn_left == 0
-    x = torch.randn(4, 1, 28, 28)
-    with torch.inference_mode():
-        torch.testing.assert_close(optimised(x), model(x), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(optimised.features(x), model.features(x), atol=1e-4, rtol=1e-4)
-
-
 def test_server_computes_on_one_thread():
     import torch
     from threadpoolctl import threadpool_info, threadpool_limits

@@ -11,12 +11,18 @@ import torch
 import torch.nn.functional as F
 from conftest import make_synthetic
 
-from fmnist.checkpoint import load_model, load_state, load_tensors
-from fmnist.data import stratified_split
-from fmnist.evaluate import batched_logits
+from fmnist.checkpoint import load_state, load_tensors
+from fmnist.data import split_indices
+from fmnist.forward import TorchBackend, forward
 from fmnist.models import create_model, model_names
 from fmnist.preprocess import preprocess
+from fmnist.run import Run
 from fmnist.train import EMA, PRESETS, TrainConfig, lr_at, resolve_config, train
+
+
+def load_model(path):
+    run = Run.load(path)
+    return run.model(), run.meta
 
 TIMING_COLUMNS = {"seconds", "elapsed"}  # wall-clock columns: the only ones allowed to differ between runs
 
@@ -172,11 +178,11 @@ def test_run_folder_contents(tmp_path, small_data):
 
 
 def _val_loss_of_saved_model(run, data, cfg) -> float:
-    _, val_idx = stratified_split(data.train_labels, cfg.val_size, cfg.seed)
+    _, val_idx = split_indices(data.train_labels, cfg)
     model, meta = load_model(run)
     x = preprocess(data.train_images[val_idx], meta["preprocessing"])
-    logits = batched_logits(model, x, tta=cfg.tta)
-    return float(F.cross_entropy(logits, data.train_labels[val_idx]))
+    _, logits = forward(TorchBackend(model), x, tta=cfg.tta)
+    return float(F.cross_entropy(torch.from_numpy(logits), data.train_labels[val_idx]))
 
 
 def test_best_epoch_is_the_one_kept(tmp_path, small_data):
@@ -271,31 +277,19 @@ def test_ema_update_is_a_lerp():
 
 
 def test_ema_changes_the_saved_weights_not_the_training(tmp_path, small_data):
-    plain = train(config(ema=0.0, select="val_loss"), out=tmp_path / "plain", data=small_data, quiet=True)
-    averaged = train(config(ema=0.9, select="val_loss"), out=tmp_path / "ema", data=small_data, quiet=True)
+    # No validation split: the last epoch is always the one kept, so its saved weights are the final average.
+    plain = train(config(ema=0.0, val_size=0), out=tmp_path / "plain", data=small_data, quiet=True)
+    averaged = train(config(ema=0.9, val_size=0), out=tmp_path / "ema", data=small_data, quiet=True)
     saved_plain = load_tensors(tmp_path / "plain" / "model.safetensors")
     saved_ema = load_tensors(tmp_path / "ema" / "model.safetensors")
     assert not torch.equal(saved_plain["head.weight"], saved_ema["head.weight"])
     state = load_state(tmp_path / "ema" / "last.pt")
     # EMA is only evaluated: the raw weights follow exactly the same trajectory
     assert_same_tensors(state["model"], load_state(tmp_path / "plain" / "last.pt")["model"])
-    if averaged["best_epoch"] == averaged["epochs"]:
-        assert_same_tensors(saved_ema, state["ema"])
+    assert averaged["best_epoch"] == averaged["epochs"]
+    assert_same_tensors(saved_ema, state["ema"])
     assert plain["epochs"] == averaged["epochs"] == 3
 
-
-def test_batched_logits_tta_is_the_mirror_average():
-    torch.manual_seed(0)
-    model = create_model("tiny").eval()
-    x = torch.randn(10, 1, 28, 28)
-    with torch.no_grad():
-        expected = 0.5 * (model(x) + model(x.flip(3)))
-        plain = model(x)
-    got = batched_logits(model, x, batch_size=4, tta=True)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(batched_logits(model, x, batch_size=3), plain, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(got, plain, atol=1e-4)
-    assert batched_logits(model, x[:0]).shape == (0, 10)
 
 
 # --- configuration ----------------------------------------------------------------------------------------

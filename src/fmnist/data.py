@@ -270,3 +270,16 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
         val.append(idx[:k])
         train.append(idx[k:])
     return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def split_indices(labels: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (train_idx, val_idx) of a run, from its training config (a TrainConfig or the dict of config.json).
+
+    The one place the split is computed: training, the trust fit and `fmnist calibrate` all call it, so they
+    always agree on which images are validation.
+    """
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    train_idx, val_idx = stratified_split(labels, int(get("val_size", 10_000)), int(get("seed", 0)))
+    if get("subset", 0):
+        train_idx = train_idx[: int(get("subset"))]
+    return train_idx, val_idx

@@ -9,21 +9,13 @@ import torch.nn.functional as F
 from fmnist import runtime
 
 
-@torch.inference_mode()
-def batched_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1000, tta: bool = False,
-                   device: torch.device | None = None, precision: str = "fp32") -> torch.Tensor:
-    """Logits for a normalised (N, 1, 28, 28) tensor, in batches; ``tta`` averages with the mirrored image."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device, non_blocking=True)
-        with runtime.autocast(device, precision):
-            logits = model(xb).float()
-            if tta:
-                logits = 0.5 * (logits + model(xb.flip(3)).float())
-        out.append(logits.cpu())
-    return torch.cat(out) if out else torch.empty(0, 10)
+def run_logits(backend, run, images, tta: bool | None = None) -> torch.Tensor:
+    """Logits of uint8 (N, 28, 28) images through the one forward pass, with the run's preprocessing and TTA."""
+    from fmnist.forward import forward
+    from fmnist.preprocess import preprocess
+
+    _, logits = forward(backend, preprocess(images, run.spec), tta=run.tta if tta is None else tta)
+    return torch.from_numpy(logits)
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -96,26 +88,26 @@ def format_report(m: dict, title: str = "test set") -> str:
 def evaluate_run(run_dir, data=None, tta: bool | None = None, limit: int | None = None, write: bool = True,
                  threads: int | None = None, device: str = "auto") -> dict:
     """Evaluate a run folder's model on the official test set and write RUN/metrics.json."""
-    from fmnist.checkpoint import load_model, write_json
+    from fmnist.checkpoint import write_json
     from fmnist.data import load_fashion_mnist
-    from fmnist.preprocess import preprocess
+    from fmnist.forward import TorchBackend
+    from fmnist.run import Run
 
     dev = runtime.setup(threads, device)
-    model, meta = load_model(run_dir, map_location=dev)
+    run = Run.load(run_dir, detector=False)
+    backend = TorchBackend(run.model(dev))
     data = data or load_fashion_mnist()
     images, labels = data.test_images, data.test_labels
     if limit:
         images, labels = images[:limit], labels[:limit]
-    tta = meta.get("tta", False) if tta is None else tta
-    x = preprocess(images, meta["preprocessing"])
-    logits = batched_logits(model, x, tta=tta, device=dev)
-    m = classification_metrics(logits, labels, meta["class_names"])
+    tta = run.tta if tta is None else tta
+    logits = run_logits(backend, run, images, tta)
+    m = classification_metrics(logits, labels, run.class_names)
     if tta:
         # Report both ways: with and without mirrored test-time augmentation.
-        m["accuracy_no_tta"] = float((batched_logits(model, x, device=dev).argmax(1) == labels).double().mean())
+        m["accuracy_no_tta"] = float((run_logits(backend, run, images, False).argmax(1) == labels).double().mean())
     m["tta"] = tta
-    m["model"] = meta["model"]
+    m["model"] = run.model_name
     if write:
         write_json(Path(run_dir) / "metrics.json", m)
     return m
-

@@ -7,77 +7,71 @@
 ``label``/``score`` are the best guess even when ``accepted`` is false; ``reason`` says why an answer is refused:
 "blank", "out_of_distribution" (``ood_score`` above the run's OOD threshold: not a garment as the data set
 shows them) or "low_confidence". Scores are calibrated probabilities when the run holds a temperature;
-``ood_score`` is None for a run without an OOD detector (see :mod:`fmnist.ood`; `fmnist calibrate RUN` adds one).
+``ood_score`` is None for a run without an OOD detector (see :mod:`fmnist.trust.ood`; `fmnist calibrate RUN` adds one).
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fmnist.checkpoint import load_model, read_json
+from fmnist.forward import forward
 from fmnist.images import decode_image
-from fmnist.ood import Detector, features_and_logits, pixels01
 from fmnist.preprocess import is_blank, preprocess, to_dataset_format
-
-# Seed B's threshold. Scores are calibrated, so an answer under 0.60 is wrong about 40 % of the time or more:
-# the user is told the model is not sure. (The OOD detector, not this gate, tells garments from other images.)
-DEFAULT_CONFIDENCE = 0.60
+from fmnist.run import Run
+from fmnist.trust.ood import pixels01
 
 
-def run_confidence_threshold(meta: dict) -> float:
-    """The run's own confidence threshold (model.json "thresholds"), else seed B's 0.60."""
-    return float(meta.get("thresholds", {}).get("confidence", DEFAULT_CONFIDENCE))
+@dataclass
+class Analysis:
+    """What one pass over a batch gives: calibrated probabilities, OOD scores (None without a detector),
+    and, when asked for, each OOD part's standardised score."""
+    probs: torch.Tensor
+    ood: torch.Tensor | None
+    parts: dict | None = None
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, meta: dict, run_dir: Path | None = None,
-                 confidence_threshold: float | None = None, top_k: int = 3, ood_threshold: float | None = None):
-        self.model = model.eval()
-        self.meta = meta
-        self.run_dir = run_dir
-        self.class_names = list(meta["class_names"])
-        self.spec = meta["preprocessing"]
-        self.tta = bool(meta.get("tta", False))
-        self.temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
+    """Answers for user images, from a loaded :class:`~fmnist.run.Run` and an inference backend."""
+
+    def __init__(self, run: Run, backend=None, confidence_threshold: float | None = None, top_k: int = 3,
+                 ood_threshold: float | None = None):
+        self.run = run
+        self.backend = backend if backend is not None else run.backend()
+        self.class_names = run.class_names
         self.top_k = max(1, min(top_k, len(self.class_names)))
-        self.device = next(model.parameters()).device
-        # Loaded once here (small tensors), never per call.
-        self.detector = Detector.load(run_dir, meta) if run_dir is not None else None
-        self.confidence_threshold = (confidence_threshold if confidence_threshold is not None
-                                     else run_confidence_threshold(meta))
+        self.detector = run.detector
+        self.confidence_threshold = (run.confidence_threshold if confidence_threshold is None
+                                     else float(confidence_threshold))
         self.ood_threshold = (None if self.detector is None else
                               float(ood_threshold) if ood_threshold is not None else self.detector.threshold)
 
     @classmethod
-    def from_run(cls, run_dir, device: str = "cpu", **kwargs) -> Predictor:
-        model, meta = load_model(run_dir, map_location=device)
-        return cls(model, meta, Path(run_dir), **kwargs)
+    def from_run(cls, run_dir, device: str = "cpu", fold_bn: bool = False, **kwargs) -> Predictor:
+        run = Run.load(run_dir)
+        return cls(run, run.backend(device, fold_bn=fold_bn), **kwargs)
 
     def info(self) -> dict:
         """What the server's /api/model shows: architecture, size, metrics, thresholds, classes."""
-        metrics_path = self.run_dir / "metrics.json" if self.run_dir else None
-        test = None
-        if metrics_path is not None and metrics_path.exists():
-            m = read_json(metrics_path)
-            test = {k: m.get(k) for k in ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1", "n",
-                                          "tta")}
+        m = self.run.read_optional("metrics.json")
+        test = {k: m.get(k) for k in ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1", "n",
+                                      "tta")} if m else None
         return {
-            "model": self.meta["model"],
-            "parameters": self.meta.get("parameters"),
+            "model": self.run.model_name,
+            "parameters": self.run.parameters,
             "class_names": self.class_names,
-            "validation": self.meta.get("metrics"),
+            "validation": self.run.metrics or None,
             "test": test,
             "thresholds": {"confidence": self.confidence_threshold, "ood": self.ood_threshold},
-            "temperature": self.temperature,
-            "calibration": self.meta.get("calibration"),
+            "temperature": self.run.temperature,
+            "calibration": self.run.calibration,
             "ood": None if self.detector is None else {
                 k: self.detector.config.get(k) for k in ("method", "parts", "threshold", "target_accept",
                                                          "val_accept")},
-            "tta": self.tta,
-            "recipe": self.meta.get("recipe"),
+            "tta": self.run.tta,
+            "recipe": self.run.recipe or None,
         }
 
     # --- inputs --------------------------------------------------------------------------------------------
@@ -95,24 +89,18 @@ class Predictor:
 
     # --- prediction ----------------------------------------------------------------------------------------
 
-    def analyse(self, images28: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(calibrated class probabilities, OOD scores or None) for a uint8 (N, 28, 28) batch.
-
-        One forward pass gives both the logits and the features the detector needs (mirrored TTA as trained).
-        """
+    def analyse(self, images28: np.ndarray, parts: bool = False) -> Analysis:
+        """Calibrated class probabilities and OOD scores of a uint8 (N, 28, 28) batch, from one forward pass
+        (:func:`fmnist.forward.forward`, mirrored TTA as trained) that gives both logits and features."""
         images28 = np.ascontiguousarray(images28)
         if not len(images28):
-            return torch.empty(0, len(self.class_names)), None
-        # Both calls below work in chunks of their own, so a large batch never builds large intermediates.
-        feats, logits = features_and_logits(self.model, preprocess(images28, self.spec), tta=self.tta,
-                                            device=self.device)
-        probs = torch.softmax(logits / self.temperature, dim=1)
-        ood = self.detector.score(feats, pixels01(images28), logits) if self.detector is not None else None
-        return probs, ood
-
-    def probabilities(self, images28: np.ndarray) -> torch.Tensor:
-        """Calibrated class probabilities for a uint8 (N, 28, 28) batch."""
-        return self.analyse(images28)[0]
+            return Analysis(torch.empty(0, len(self.class_names)), None)
+        feats, logits = forward(self.backend, preprocess(images28, self.run.spec), tta=self.run.tta)
+        probs = torch.softmax(torch.from_numpy(logits) / self.run.temperature, dim=1)
+        if self.detector is None:
+            return Analysis(probs, None)
+        std = self.detector.standardised(feats, pixels01(images28), logits)
+        return Analysis(probs, self.detector.combine(std), std if parts else None)
 
     def predict(self, item, return_image: bool = False) -> dict:
         return self.predict_batch([item], return_image=return_image)[0]
@@ -122,7 +110,8 @@ class Predictor:
         if not images:
             return []
         batch = np.stack(images)
-        probs, ood = self.analyse(batch)
+        analysis = self.analyse(batch)
+        probs, ood = analysis.probs, analysis.ood
         ood = [None] * len(batch) if ood is None else ood.tolist()
         # Top classes of the whole batch at once, as plain Python numbers (per-row tensor calls cost more).
         probs = probs.double().numpy()
@@ -135,9 +124,10 @@ class Predictor:
         """Why an answer is refused (None: accepted). Order: nothing to see, not a garment, not sure which."""
         if is_blank(img):
             return "blank"
-        if ood_score is not None and ood_score > self.ood_threshold:
+        # Written as "not (within the limit)" so that a NaN score is a refusal, never a pass.
+        if ood_score is not None and not ood_score <= self.ood_threshold:
             return "out_of_distribution"
-        if score < self.confidence_threshold:
+        if not score >= self.confidence_threshold:
             return "low_confidence"
         return None
 

@@ -1,17 +1,21 @@
 """The training loop: whole data set in memory, batches cut from shuffled indices, one line per epoch.
 
-A plain loop rather than a framework, so every step is visible: schedule, mixed precision, EMA, best-epoch
-selection, time budget, and a resume state written atomically after each epoch.
+A plain loop rather than a framework, so every step is visible. :func:`train` runs it in parts:
+:func:`prepare_data` (the split and the one preprocessing), :func:`build` (model, optimiser, EMA, generator),
+then per epoch :func:`train_epoch` (the steps, under a :class:`~fmnist.budget.TimeBudget`) and
+:func:`validate_and_keep` (the one forward pass on the validation split; the kept epoch's model written),
+a resume state written atomically after each epoch (:func:`save_resume` / :func:`load_resume`), and after the
+loop the trust fit, for which the budget kept a reserve. :class:`Context` says which process this is:
+only the main process (rank 0) writes.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import sys
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -19,129 +23,71 @@ import torch.nn.functional as F
 
 from fmnist import CLASS_NAMES, runtime
 from fmnist.augment import augment_batch, parse_augment
-from fmnist.checkpoint import load_state, read_json, save_model, save_state, write_json
-from fmnist.evaluate import batched_logits
+from fmnist.budget import TimeBudget
+from fmnist.checkpoint import load_state, read_json, save_state, write_json
 from fmnist.models import count_parameters, create_model
 from fmnist.preprocess import make_spec, preprocess
+from fmnist.recipes import (
+    DEFAULT_PRESET,
+    PRESETS,
+    TrainConfig,
+    lr_at,
+    make_optimizer,
+    resolve_config,
+    validate,
+)
+from fmnist.run import created_now, save_model
+
+__all__ = ["DEFAULT_PRESET", "PRESETS", "TrainConfig", "resolve_config", "train"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process sits in a run: one process, or one rank of several. Only the main process writes."""
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 @dataclass
-class TrainConfig:
-    model: str = "resnet9-s"
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 0.2
-    optimizer: str = "sgd"          # sgd (Nesterov) | adam | adamw
-    momentum: float = 0.9
-    weight_decay: float = 5e-4      # applied to weights only, not to biases or BatchNorm
-    schedule: str = "onecycle"      # onecycle (linear warm-up, linear decay to 0) | cosine | constant
-    warmup: float = 0.15            # fraction of training spent warming up (onecycle, cosine)
-    label_smoothing: float = 0.1
-    ema: float = 0.0                # EMA decay of the weights per step; 0 disables
-    augment: str = "flip,crop"
-    tta: bool = True                # mirrored test-time augmentation at validation and evaluation
-    val_size: int = 10_000
-    select: str = "val_loss"        # which validation figure picks the kept epoch: val_loss | val_acc
-    patience: int = 0               # stop after this many epochs without improvement; 0 never stops early
-    time_budget: float = 0.0        # seconds; > 0 sizes the schedule to fit training, validation and calibration
-    seed: int = 0
-    threads: int = 0                # 0 = physical cores
-    precision: str = "auto"         # auto | fp32 | bf16 | fp16
-    channels_last: bool = True     # NHWC: 1.5-2x faster convolutions on CPU (oneDNN)
-    device: str = "auto"
-    subset: int = 0                 # use only this many training images (quick experiments); 0 = all
-    data_dir: str | None = None
-    preset: str | None = None
+class Data:
+    """The run's tensors, preprocessed once: training images on the device, validation on the host."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    spec: dict
 
 
-PRESETS: dict[str, dict] = {
-    # The seeds' own recipes, reproduced.
-    "seed-a": dict(model="seed-a", optimizer="adam", lr=1e-3, batch_size=32, epochs=30, schedule="constant",
-                   weight_decay=0.0, label_smoothing=0.0, augment="flip", tta=False, select="val_loss",
-                   precision="fp32"),
-    "seed-b-mlp": dict(model="seed-b-mlp", optimizer="adam", lr=1e-3, batch_size=32, epochs=20, schedule="constant",
-                       weight_decay=0.0, label_smoothing=0.0, augment="none", tta=False, select="val_acc"),
-    # Seed B's callback keeps the best model "by minimum loss or maximum accuracy"; both its presets keep the best
-    # validation accuracy, the figure seed B reports.
-    "seed-b-cnn": dict(model="seed-b-cnn", optimizer="adam", lr=1e-3, batch_size=64, epochs=30, schedule="constant",
-                       weight_decay=0.0, label_smoothing=0.0, augment="none", tta=False, select="val_acc"),
-    # Fast recipes for a 2-core CPU: time-budgeted, so the learning-rate schedule always completes.
-    # A budget covers training, validation and the calibration/OOD fit; loading the data (~1 s) comes on top.
-    # Chosen on the validation split (README, "How training is fast on a CPU"): space-to-depth models train about
-    # 2.2x faster than CNNs of similar size at full resolution; with 3-11 epochs, flips alone beat flips + crops
-    # (93.0 vs 92.4 % val. at 175 s) and batch 128 beat 256 (93.3 vs 93.0 %).
-    "fast": dict(model="s2d-24", time_budget=55, augment="flip", batch_size=128, select="val_acc"),
-    "default": dict(model="s2d-32", time_budget=175, augment="flip", batch_size=128, select="val_acc"),
-    # Longer budgets run 33-35 epochs; random crops broke even at 18 epochs (93.1 % val., s2d-24) and are kept.
-    "best": dict(model="s2d-32", time_budget=880, augment="flip,crop", batch_size=128, select="val_acc"),
-    "tiny": dict(model="s2d-24", time_budget=600, augment="flip,crop", batch_size=128, select="val_acc"),
-}
-DEFAULT_PRESET = "default"
-# Fitting calibration and the OOD detector after training (fmnist.trust) costs two validation passes' worth of
-# model time (features of 10,000 training and 10,000 validation images, with TTA when it is on) plus about 2 s of
-# statistics on a 2-core CPU (5.2 s in all after s2d-24, 14 s after resnet-lite). A time budget keeps that in hand.
-TRUST_FIXED_SECONDS = 4.0
-TRUST_PER_VALIDATION = 2.0
+@dataclass
+class State:
+    """Everything the loop changes, and what --resume restores."""
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ema: EMA | None
+    gen: torch.Generator
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "value": None})
+    epoch: int = 0
+    step: int = 0
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.model if self.ema is not None else self.model
 
 
-def resolve_config(preset: str | None = None, **overrides) -> TrainConfig:
-    """Preset values first, then explicit overrides (``None`` means 'not given')."""
-    values: dict = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
-        values["preset"] = preset
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-    cfg = TrainConfig(**values)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: TrainConfig) -> None:
-    parse_augment(cfg.augment)
-    checks = [
-        (cfg.epochs >= 1, "--epochs must be >= 1"),
-        (cfg.batch_size >= 2, "--batch-size must be >= 2"),
-        (cfg.lr > 0, "--lr must be > 0"),
-        (cfg.optimizer in ("sgd", "adam", "adamw"), "--optimizer must be sgd, adam or adamw"),
-        (cfg.schedule in ("onecycle", "cosine", "constant"), "--schedule must be onecycle, cosine or constant"),
-        (cfg.select in ("val_loss", "val_acc"), "--select must be val_loss or val_acc"),
-        (cfg.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
-        (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
-        (cfg.val_size >= 0 and cfg.time_budget >= 0 and cfg.patience >= 0, "negative sizes are not allowed"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ValueError(msg)
-
-
-def lr_at(cfg: TrainConfig, progress: float) -> float:
-    """Learning rate at a point of training, ``progress`` in [0, 1] (steps done, or budget used)."""
-    p = min(max(progress, 0.0), 1.0)
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.warmup > 0 and p < cfg.warmup:
-        return cfg.lr * p / cfg.warmup
-    q = (p - cfg.warmup) / max(1e-12, 1 - cfg.warmup)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * q))
-    return cfg.lr * (1 - q)
-
-
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.Adam(groups, lr=cfg.lr)
+@dataclass
+class Job:
+    """What stays fixed while the loop runs: the recipe, the data, where and how it computes and writes."""
+    cfg: TrainConfig
+    d: Data
+    budget: TimeBudget
+    precision: str
+    out: Path
+    data_info: dict
+    ctx: Context = Context()
 
 
 class EMA:
@@ -197,189 +143,235 @@ def _log(msg: str, log_path: Path, echo: bool = True) -> None:
         f.write(msg + "\n")
 
 
-def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: str | Path | None = None,
-          on_epoch_end=None, quiet: bool = False, max_steps: int = 0) -> dict:
+def prepare_data(cfg: TrainConfig, data, device) -> Data:
+    """The split (:func:`fmnist.data.split_indices`) and the one preprocessing function, applied once to the
+    whole set; augmentation then works on these floats."""
+    from fmnist.data import split_indices
+
+    train_idx, val_idx = split_indices(data.train_labels, cfg)
+    spec = make_spec()
+    return Data(preprocess(data.train_images[train_idx], spec).to(device), data.train_labels[train_idx].to(device),
+                preprocess(data.train_images[val_idx], spec), data.train_labels[val_idx], spec)
+
+
+def build(cfg: TrainConfig, device) -> State:
+    """Model, optimiser, EMA and the generator of shuffling and augmentation, seeded (in this order: the
+    EMA copy draws its own initial weights from the global RNG, which dropout uses afterwards)."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=len(CLASS_NAMES)).to(device)
+    model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    opt = make_optimizer(cfg, model)
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    return State(model, opt, ema, torch.Generator().manual_seed(cfg.seed + 1))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches, plus the remainder as a last batch when it holds at least 2 images (BatchNorm needs 2)."""
+    return max(1, n // batch_size + (1 if n % batch_size >= 2 else 0))
+
+
+def train_epoch(job: Job, st: State, progress_bar, max_steps: int = 0) -> tuple[dict, bool]:
+    """One pass over the shuffled training set; returns (train loss/accuracy and last lr, whether to stop)."""
+    cfg, d, budget = job.cfg, job.d, job.budget
+    device = d.x_train.device
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    aug_ops = parse_augment(cfg.augment)
+    n, per_epoch = len(d.x_train), steps_per_epoch(len(d.x_train), cfg.batch_size)
+    total_steps = cfg.epochs * per_epoch
+    st.model.train()
+    perm = torch.randperm(n, generator=st.gen).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, stop, lr = 0, False, cfg.lr
+    for b in range(per_epoch):
+        t_step = time.monotonic()
+        idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        xb, yb = d.x_train[idx], d.y_train[idx]
+        if aug_ops:
+            xb = augment_batch(xb, aug_ops, st.gen, d.spec)
+        xb = xb.contiguous(memory_format=memory_format)
+        # The step about to run counts as done, so the first step of a warm-up does not run at lr 0.
+        lr = lr_at(cfg, budget.progress() if budget.seconds else (st.step + 1) / total_steps)
+        logits, loss = _step(st, cfg, xb, yb, lr, device, job.precision)
+        budget.note_step(time.monotonic() - t_step, len(yb))
+        loss_sum += loss.detach() * len(yb)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += len(yb)
+        progress_bar.update(f"epoch {st.epoch + 1} step {b + 1}/{per_epoch} loss {loss.item():.4f} lr {lr:.2e}")
+        if budget.spent() or (max_steps and st.step >= max_steps):
+            stop = True  # the budget is spent (the schedule has reached 0) or the dry run is done
+            break
+    progress_bar.clear()
+    return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": float(correct) / max(seen, 1), "lr": lr}, stop
+
+
+def _step(st: State, cfg: TrainConfig, xb, yb, lr: float, device, precision: str):
+    for group in st.opt.param_groups:
+        group["lr"] = lr
+    with runtime.autocast(device, precision):
+        logits = st.model(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+    st.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    st.opt.step()
+    st.step += 1
+    if st.ema is not None:
+        st.ema.update(st.model, st.step)
+    return logits, loss
+
+
+def validate_and_keep(job: Job, st: State, train_row: dict, t_epoch: float) -> tuple[dict, bool]:
+    """The epoch's row of history, with its validation figures (the one forward pass, :mod:`fmnist.forward`),
+    and whether it is the best so far, in which case its model is written to the run folder (main process)."""
+    from fmnist.forward import TorchBackend, forward
+
+    cfg, d = job.cfg, job.d
+    t_val = time.monotonic()
+    backend = TorchBackend(st.eval_model(), precision=job.precision, channels_last=cfg.channels_last)
+    val_logits = torch.from_numpy(forward(backend, d.x_val, tta=cfg.tta)[1])
+    job.budget.note_validation(time.monotonic() - t_val)
+    # No validation set (--val-size 0): no figures (None, not NaN, which JSON cannot hold); keep the last epoch.
+    has_val = len(d.y_val) > 0
+    row = {"epoch": st.epoch, "step": st.step, "train_loss": train_row["train_loss"],
+           "train_acc": train_row["train_acc"],
+           "val_loss": float(F.cross_entropy(val_logits, d.y_val)) if has_val else None,
+           "val_acc": float((val_logits.argmax(1) == d.y_val).double().mean()) if has_val else None,
+           "lr": train_row["lr"], "seconds": time.monotonic() - t_epoch, "elapsed": job.budget.elapsed()}
+    value = row[cfg.select]
+    sign = 1.0 if cfg.select == "val_loss" else -1.0
+    improved = not has_val or st.best["value"] is None or sign * value < sign * st.best["value"]
+    if improved:
+        st.best = {"epoch": st.epoch, "value": value}
+        if job.ctx.is_main:
+            save_model(job.out, st.eval_model(), _model_meta(cfg, job.data_info, row, st.best, d.spec))
+    return row, improved
+
+
+def save_resume(out: Path, st: State, elapsed: float) -> None:
+    save_state(out / "last.pt", {
+        "model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
+        "ema": st.ema.model.state_dict() if st.ema is not None else {},
+        "generator": st.gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "epoch": st.epoch, "step": st.step, "elapsed": elapsed, "history": st.history, "best": st.best,
+    })
+
+
+def load_resume(out: Path, st: State) -> float:
+    """Restore the state saved after the last finished epoch; return the seconds spent before."""
+    state = load_state(out / "last.pt")
+    st.model.load_state_dict(state["model"])
+    st.opt.load_state_dict(state["optimizer"])
+    if st.ema is not None:
+        st.ema.model.load_state_dict(state["ema"])
+    st.gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    st.history, st.best = state["history"], state["best"]
+    st.epoch, st.step = state["epoch"], state["step"]
+    return state["elapsed"]
+
+
+def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, resume: str | Path | None = None,
+          on_epoch_end=None, quiet: bool = False, max_steps: int = 0, ctx: Context = Context()) -> dict:
     """Train and write a run folder; returns a summary dict.
 
-    ``data`` is a FashionMNIST (tests pass their own); ``max_steps`` > 0 stops after that many steps (--dry-run);
-    ``on_epoch_end(epoch, row)`` is called after each epoch's files are written and may return True to stop.
+    ``data`` is a FashionMNIST (tests pass their own); ``resume`` continues the run in that folder from its
+    last finished epoch (``cfg`` is then read from its config.json); ``max_steps`` > 0 stops after that many
+    steps (--dry-run); ``on_epoch_end(epoch, row)`` is called after each epoch's files are written and may
+    return True to stop.
     """
-    from fmnist.data import load_fashion_mnist, stratified_split
+    from fmnist.data import load_fashion_mnist
 
     t_start = time.monotonic()
+    out = Path(resume) if resume is not None else Path(out) if out is not None else default_out(cfg)
     if resume is not None:
-        out = Path(resume)
         cfg = TrainConfig(**read_json(out / "config.json"))
-        state = load_state(out / "last.pt")
-    else:
-        out = Path(out) if out is not None else default_out(cfg)
-        state = None
     validate(cfg)
     device = runtime.setup(cfg.threads or None, cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device, cfg.batch_size)
-    aug_ops = parse_augment(cfg.augment)
-
     data = data if data is not None else load_fashion_mnist(cfg.data_dir)
-    train_idx, val_idx = stratified_split(data.train_labels, cfg.val_size, cfg.seed)
-    if cfg.subset:
-        train_idx = train_idx[: cfg.subset]
-    # The one preprocessing function, applied once to the whole set; augmentation then works on these floats.
-    spec = make_spec()
-    x_train = preprocess(data.train_images[train_idx], spec).to(device)
-    y_train = data.train_labels[train_idx].to(device)
-    x_val = preprocess(data.train_images[val_idx], spec)
-    y_val = data.train_labels[val_idx]
+    d = prepare_data(cfg, data, device)
+    st = build(cfg, device)
+    elapsed_before = load_resume(out, st) if resume is not None else 0.0
+    say = _start_run(cfg, out, st, d, device, precision, ctx, quiet, resumed=resume is not None)
+    from fmnist.trust.fit import cost_seconds
 
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=len(CLASS_NAMES)).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    opt = make_optimizer(cfg, model)
-    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # shuffling and augmentation; dropout uses the global RNG
+    budget = TimeBudget(cfg.time_budget, len(d.y_val), cfg.tta, cost_seconds, elapsed_before)
+    data_info = {"source": getattr(data, "source", None), "checksums": getattr(data, "checksums", {})}
+    job = Job(cfg, d, budget, precision, out, data_info, ctx)
+    _loop(job, st, say, on_epoch_end, quiet, max_steps)
+    return _finish(job, st, data, device, say, t_start)
 
-    history: list[dict] = []
-    best = {"epoch": 0, "value": None}
-    start_epoch, step, elapsed_before = 0, 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.model.load_state_dict(state["ema"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, best = state["history"], state["best"]
-        start_epoch, step, elapsed_before = state["epoch"], state["step"], state["elapsed"]
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", dataclasses.asdict(cfg))
-    env = runtime.environment(device)
-    env["precision"] = precision
-    write_json(out / "env.json", env)
+def _start_run(cfg, out: Path, st: State, d: Data, device, precision: str, ctx: Context, quiet: bool,
+               resumed: bool):
+    """Write config.json and env.json and the first log line; return the logging function."""
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", dataclasses.asdict(cfg))
+        env = runtime.environment(device)
+        env.update(precision=precision, world_size=ctx.world_size)
+        write_json(out / "env.json", env)
+
     def say(msg: str) -> None:
-        _log(msg, out / "train.log", echo=not quiet)
+        if ctx.is_main:
+            _log(msg, out / "train.log", echo=not quiet)
 
-    n = len(x_train)
-    steps_per_epoch = max(1, n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0))
-    total_steps = cfg.epochs * steps_per_epoch
-    budget = cfg.time_budget
-    if state is None:
-        say(f"run {out}: model {cfg.model} ({count_parameters(model):,} parameters), {n:,} train / {len(x_val):,} "
-            f"val images, {device} {precision}, {torch.get_num_threads()} threads"
-            + (f", time budget {budget:.0f} s" if budget else f", {cfg.epochs} epochs"))
+    if resumed:
+        say(f"resuming {out} after epoch {st.epoch}")
     else:
-        say(f"resuming {out} after epoch {start_epoch}")
+        say(f"run {out}: model {cfg.model} ({count_parameters(st.model):,} parameters), {len(d.x_train):,} train / "
+            f"{len(d.x_val):,} val images, {device} {precision}, {torch.get_num_threads()} threads"
+            + (f", time budget {cfg.time_budget:.0f} s" if cfg.time_budget else f", {cfg.epochs} epochs"))
+    return say
+
+
+def _loop(job: Job, st: State, say, on_epoch_end, quiet: bool, max_steps: int) -> None:
+    """Epochs until the budget, the epoch count, early stopping or the caller says stop."""
+    cfg = job.cfg
     progress_bar = Progress(None if not quiet else False)
-    t_loop = time.monotonic() - elapsed_before  # elapsed() includes time spent before an interruption
-    select_sign = 1.0 if cfg.select == "val_loss" else -1.0
-
-    def elapsed() -> float:
-        return time.monotonic() - t_loop
-
-    val_seconds = 0.0  # the latest validation pass's duration
-    step_seconds, step_images = 0.0, 0  # training time and images of this process, to predict a validation pass
-
-    def val_cost() -> float:
-        if val_seconds or not step_images:
-            return val_seconds
-        # Before the first validation: a forward pass costs about a third of a training step per image.
-        return len(x_val) * (2 if cfg.tta else 1) * step_seconds / step_images / 3
-
-    def spendable() -> float:
-        """Seconds of the budget the steps may use: the rest pays for the last validation pass and the
-        calibration/OOD fit after training. Known from the first steps on, so the schedule never jumps."""
-        if not len(y_val):
-            return budget
-        v = val_cost()
-        return max(budget - (v + TRUST_FIXED_SECONDS + TRUST_PER_VALIDATION * v), 0.5 * budget)
-
-    def progress() -> float:
-        # The step about to run counts as done, so the first step of a warm-up does not run at lr 0.
-        return elapsed() / spendable() if budget else (step + 1) / total_steps
-
-    epoch = start_epoch
-    stop = False
-    max_epochs = 10**9 if budget else cfg.epochs
-    while epoch < max_epochs and not stop:
-        if budget and epoch > start_epoch and elapsed() >= spendable():
+    start_epoch, stop = st.epoch, False
+    max_epochs = 10**9 if cfg.time_budget else cfg.epochs
+    while st.epoch < max_epochs and not stop:
+        if st.epoch > start_epoch and job.budget.spent():
             break  # the last validation used up the budget: another epoch would be one step and a validation
         t_epoch = time.monotonic()
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        for b in range(steps_per_epoch):
-            t_step = time.monotonic()
-            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            if aug_ops:
-                xb = augment_batch(xb, aug_ops, gen, spec)
-            xb = xb.contiguous(memory_format=memory_format)
-            lr = lr_at(cfg, progress())
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with runtime.autocast(device, precision):
-                logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if ema is not None:
-                ema.update(model, step)
-            step_seconds += time.monotonic() - t_step
-            step_images += len(yb)
-            loss_sum += loss.detach() * len(yb)
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(yb)
-            progress_bar.update(f"epoch {epoch + 1} step {b + 1}/{steps_per_epoch} loss {loss.item():.4f} lr {lr:.2e}")
-            if (budget and elapsed() >= spendable()) or (max_steps and step >= max_steps):
-                stop = True  # the budget is spent (the schedule has reached 0) or the dry run is done
-                break
-        progress_bar.clear()
-        epoch += 1
-        eval_model = ema.model if ema is not None else model
-        t_val = time.monotonic()
-        val_logits = batched_logits(eval_model, x_val, tta=cfg.tta, device=device, precision=precision)
-        val_seconds = time.monotonic() - t_val
-        # No validation set (--val-size 0): no figures (None, not NaN, which JSON cannot hold); keep the last epoch.
-        val_loss = float(F.cross_entropy(val_logits, y_val)) if len(y_val) else None
-        val_acc = float((val_logits.argmax(1) == y_val).double().mean()) if len(y_val) else None
-        row = {"epoch": epoch, "step": step, "train_loss": float(loss_sum) / max(seen, 1),
-               "train_acc": float(correct) / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
-               "lr": lr, "seconds": time.monotonic() - t_epoch, "elapsed": elapsed()}
-        history.append(row)
-        value = val_loss if cfg.select == "val_loss" else val_acc
-        improved = len(y_val) == 0 or best["value"] is None or select_sign * value < select_sign * best["value"]
-        if improved:
-            best = {"epoch": epoch, "value": value}
-            save_model(out, eval_model, _model_meta(cfg, data, row, best, spec))
-        val_text = f"val loss {val_loss:.4f} acc {100 * val_acc:.2f}%" if len(y_val) else "no validation set"
-        say(f"epoch {epoch:3d}{'' if budget else '/' + str(cfg.epochs)}  train loss {row['train_loss']:.4f} "
-            f"acc {100 * row['train_acc']:.2f}%  {val_text}  lr {lr:.2e}  {row['seconds']:.1f}s{'  *' if improved else ''}")
-        _write_history(out / "history.csv", history)
-        save_state(out / "last.pt", {
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "ema": ema.model.state_dict() if ema is not None else {},
-            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "epoch": epoch, "step": step, "elapsed": elapsed(), "history": history, "best": best,
-        })
-        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+        train_row, stop = train_epoch(job, st, progress_bar, max_steps)
+        st.epoch += 1
+        row, improved = validate_and_keep(job, st, train_row, t_epoch)
+        st.history.append(row)
+        say(_epoch_line(cfg, row, improved))
+        if job.ctx.is_main:
+            _write_history(job.out / "history.csv", st.history)
+            save_resume(job.out, st, job.budget.elapsed())
+        if cfg.patience and st.epoch - st.best["epoch"] >= cfg.patience:
             say(f"early stop: no improvement of {cfg.select} for {cfg.patience} epochs")
             stop = True
-        if on_epoch_end is not None and on_epoch_end(epoch, row):
+        if on_epoch_end is not None and on_epoch_end(st.epoch, row):
             stop = True  # the caller asked to stop (e.g. a benchmark that reached its target)
 
-    train_seconds = elapsed()
-    summary = {"run": str(out), "best_epoch": best["epoch"], "epochs": epoch, "train_seconds": train_seconds,
+
+def _epoch_line(cfg: TrainConfig, row: dict, improved: bool) -> str:
+    val = (f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%" if row["val_acc"] is not None
+           else "no validation set")
+    return (f"epoch {row['epoch']:3d}{'' if cfg.time_budget else '/' + str(cfg.epochs)}  train loss "
+            f"{row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  {val}  lr {row['lr']:.2e}  "
+            f"{row['seconds']:.1f}s{'  *' if improved else ''}")
+
+
+def _finish(job: Job, st: State, data, device, say, t_start: float) -> dict:
+    """The summary, and the trust fit of the kept model (the reserve the budget kept)."""
+    cfg, out, best = job.cfg, job.out, st.best
+    train_seconds = job.budget.elapsed()
+    summary = {"run": str(out), "best_epoch": best["epoch"], "epochs": st.epoch, "train_seconds": train_seconds,
                "wall_seconds": time.monotonic() - t_start,
-               "best": history[best["epoch"] - 1] if best["epoch"] else None}
+               "best": st.history[best["epoch"] - 1] if best["epoch"] else None}
     kept = f"{cfg.select} {best['value']:.4f}" if best["value"] is not None else "no validation set"
     say(f"kept epoch {best['epoch']} ({kept}); training took {train_seconds:.1f} s; model in {out}/model.safetensors")
-    # Temperature and OOD detector of the kept model, stored with it.
-    from fmnist.trust import describe, fit_trust
-    summary["trust"] = fit_trust(out, data, train_idx, val_idx, device=device)
+    if not job.ctx.is_main:
+        return summary
+    from fmnist.trust.fit import describe, fit_trust
+
+    summary["trust"] = fit_trust(out, data, device=device)
     summary["wall_seconds"] = time.monotonic() - t_start  # everything, the calibration/OOD fit included
     say(describe(summary["trust"]))
     write_json(out / "train_summary.json", summary)
@@ -387,7 +379,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, data=None, resume: st
     return summary
 
 
-def _model_meta(cfg: TrainConfig, data, row: dict, best: dict, spec: dict) -> dict:
+def _model_meta(cfg: TrainConfig, data_info: dict, row: dict, best: dict, spec: dict) -> dict:
     return {
         "class_names": list(CLASS_NAMES),
         "preprocessing": spec,
@@ -398,8 +390,8 @@ def _model_meta(cfg: TrainConfig, data, row: dict, best: dict, spec: dict) -> di
         "recipe": {k: getattr(cfg, k) for k in ("preset", "optimizer", "lr", "batch_size", "schedule", "augment",
                                                   "label_smoothing", "weight_decay", "ema", "time_budget",
                                                   "epochs", "seed")},
-        "data": {"source": getattr(data, "source", None), "checksums": getattr(data, "checksums", {})},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": data_info,
+        "created": created_now(),
     }
 
 

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 import fmnist
 from fmnist.images import MAX_PIXELS
 from fmnist.serve.batching import Batcher
-from fmnist.serve.inference import UploadError, jsonable, optimize_for_inference, single_threaded_compute
+from fmnist.serve.inference import UploadError, jsonable, single_threaded_compute
 from fmnist.serve.limits import BodySizeLimit, Gate
 from fmnist.serve.texts import GENERIC_REASON, REASON_TEXTS, class_info
 
@@ -136,9 +136,9 @@ async def _lifespan(app: FastAPI):
     # pool of 40 threads; a few are plenty here.
     anyio.to_thread.current_default_thread_limiter().total_tokens = 8
     extra = {} if s.ood_threshold is None else {"ood_threshold": s.ood_threshold}
-    load = functools.partial(Predictor.from_run, s.run_dir, confidence_threshold=s.threshold, **extra)
+    # BatchNorm folded into the convolutions: the same function with fewer layers (about a quarter less time).
+    load = functools.partial(Predictor.from_run, s.run_dir, fold_bn=True, confidence_threshold=s.threshold, **extra)
     predictor = await anyio.to_thread.run_sync(load)
-    fused = optimize_for_inference(predictor.model)
     await anyio.to_thread.run_sync(_warm_up, predictor)  # first calls allocate; keep that off requests
     # Everything allocated so far (PyTorch, the model, FastAPI) lives as long as the server: move it out of the
     # garbage collector's reach, so that its full collections no longer walk it in the middle of requests.
@@ -148,7 +148,7 @@ async def _lifespan(app: FastAPI):
     app.state.batcher = Batcher(predictor, s.max_pixels, workers=s.threads, max_images=max(64, s.max_batch))
     app.state.model_info = json.dumps(jsonable(_model_info(predictor, s))).encode()
     log.info("serving %s (%s, %d BatchNorm layers folded), threshold %.2f, %d worker thread(s)", s.run_dir,
-             predictor.meta["model"], fused, predictor.confidence_threshold, s.threads)
+             predictor.run.model_name, predictor.backend.folded, predictor.confidence_threshold, s.threads)
     yield
 
 

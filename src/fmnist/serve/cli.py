@@ -63,16 +63,9 @@ def check_args(args) -> None:
 
 def check_run(run) -> None:
     """A clear error now rather than a failed start-up later (the model itself is loaded once, at start-up)."""
-    from pathlib import Path
+    from fmnist.run import Run
 
-    from fmnist.checkpoint import CheckpointError, read_json
-
-    run = Path(run)
-    if not run.is_dir():
-        raise CheckpointError(f"run folder {run} not found")
-    read_json(run / "model.json")
-    if not (run / "model.safetensors").is_file():
-        raise CheckpointError(f"{run / 'model.safetensors'} not found: is {run} a finished run?")
+    Run.load(run)
 
 
 def cmd_serve(args) -> int:

@@ -54,18 +54,6 @@ def run_batch(predictor, requests: list[list[tuple[str, bytes]]], max_pixels: in
     return outcomes
 
 
-def predict_uploads(predictor, uploads: list[tuple[str, bytes]], max_pixels: int) -> list[dict]:
-    """One request's work, alone: decode each (name, bytes) upload and classify them in one batch.
-
-    Raises :class:`UploadError` naming the first bad upload (when there are several) with the status of
-    its failure (400 undecodable, 413 too many pixels).
-    """
-    (outcome,) = run_batch(predictor, [uploads], max_pixels)
-    if isinstance(outcome, UploadError):
-        raise outcome
-    return outcome
-
-
 def _classify(predictor, images) -> list[dict]:
     if not images:
         return []
@@ -156,40 +144,3 @@ def single_threaded_compute() -> None:
 
     torch.set_num_threads(1)
     threadpool_limits(1, user_api="blas")
-
-
-def optimize_for_inference(model: torch.nn.Module) -> int:
-    """Make an eval-mode model cheaper to run, in place, without changing what it computes.
-
-    BatchNorm layers are folded into the convolutions before them, and weights are stored channels-last,
-    which oneDNN's CPU convolutions run faster (measured on the 'tiny' model, one thread: 0.57 vs 0.90 ms
-    for one image, 4.9 vs 8.6 ms for 16). Returns the number of BatchNorm layers folded.
-    """
-    fused = fuse_conv_bn(model)
-    model.to(memory_format=torch.channels_last)
-    return fused
-
-
-def fuse_conv_bn(model: torch.nn.Module) -> int:
-    """Fold each BatchNorm that directly follows a convolution (inside an ``nn.Sequential``) into it.
-
-    Inference only (eval mode): the same function with fewer layers, about a quarter less time per call on
-    small models, where per-layer overhead dominates. Returns the number of pairs fused.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    if model.training:
-        raise ValueError("fuse_conv_bn needs a model in eval mode")
-    fused = 0
-    for module in list(model.modules()):
-        if not isinstance(module, torch.nn.Sequential):
-            continue
-        for i in range(len(module) - 1):
-            conv, bn = module[i], module[i + 1]
-            if (type(conv) is torch.nn.Conv2d and type(bn) is torch.nn.BatchNorm2d and bn.track_running_stats
-                    and conv.out_channels == bn.num_features):
-                with torch.no_grad():
-                    module[i] = fuse_conv_bn_eval(conv, bn)
-                module[i + 1] = torch.nn.Identity()
-                fused += 1
-    return fused

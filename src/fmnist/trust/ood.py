@@ -54,43 +54,6 @@ PIXEL_COMPONENTS = 30
 SHRINK = 1e-3  # covariance shrinkage towards the mean variance, relative: keeps inverses stable
 
 
-class FeaturesAndLogits(torch.nn.Module):
-    """(penultimate features, logits) of a normalised (N, 1, 28, 28) batch.
-
-    With ``tta`` the features are the mean of the image's and its mirror's, computed in one call of the
-    network (half the per-call overhead that dominates small batches); the head being linear,
-    ``head(mean features)`` is the mean of the two logits, exactly what ``batched_logits`` computes.
-    """
-
-    def __init__(self, model: torch.nn.Module, tta: bool):
-        super().__init__()
-        self.model, self.tta = model, tta
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.tta:
-            f = self.model.features(torch.cat([x, x.flip(3)])).float()
-            f = f.view(2, -1, f.shape[1]).mean(0)
-        else:
-            f = self.model.features(x).float()
-        return f, self.model.head(f).float()
-
-
-@torch.inference_mode()
-def features_and_logits(model: torch.nn.Module, x: torch.Tensor, tta: bool = False, batch_size: int = 512,
-                        device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features and logits of a normalised (N, 1, 28, 28) batch (see :class:`FeaturesAndLogits`)."""
-    device = device or next(model.parameters()).device
-    forward = FeaturesAndLogits(model, tta)
-    feats, logits = [], []
-    for i in range(0, len(x), batch_size):
-        f, lg = forward(x[i:i + batch_size].to(device).contiguous(memory_format=torch.channels_last))
-        feats.append(f)
-        logits.append(lg)
-    if not feats:
-        return torch.empty(0, model.head.in_features), torch.empty(0, model.head.out_features)
-    return torch.cat(feats).cpu(), torch.cat(logits).cpu()
-
-
 def pixels01(images28) -> torch.Tensor:
     """uint8 (N, 28, 28) images -> float (N, 28, 28) in [0, 1], the pixel space of the input-side scores."""
     return torch.as_tensor(images28).reshape(-1, 28, 28).float() / 255.0
@@ -379,10 +342,17 @@ class Detector:
         """The run's detector, or None if it has none (a run fitted before OOD detection existed)."""
         config = meta.get("ood")
         path = Path(run_dir) / OOD_FILE
-        if not config or not path.exists():
+        if not config:
             return None
-        if config.get("format") != OOD_FORMAT:
+        if not path.is_file():  # model.json says there is a detector: serving without it would accept anything
+            raise CheckpointError(f"{path} not found, but model.json describes an OOD detector: restore the file "
+                                  "or refit it with `fmnist calibrate RUN`")
+        if config.get("format") != OOD_FORMAT or not isinstance(config.get("parts"), list):
             raise CheckpointError(f"{path}: unsupported OOD format {config.get('format')!r}")
+        threshold = config.get("threshold")
+        if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+            raise CheckpointError(f"{Path(run_dir) / 'model.json'}: OOD threshold must be a finite number, "
+                                  f"got {threshold!r}")
         det = cls(load_tensors(path), config)
         need = {"orientation": "pixel"}
         missing = [n for n in det.parts if n not in NEEDS_NO_FIT
@@ -390,6 +360,12 @@ class Detector:
         if missing or set(config.get("standardise", {})) != set(det.parts):
             raise CheckpointError(f"{path} lacks the statistics of {', '.join(missing) or 'standardisation'}: "
                                   "refit with `fmnist calibrate RUN`")
+        bad = [k for k, v in det.arrays.items() if not np.isfinite(v).all()]
+        bad += [n for n, (med, scale) in config["standardise"].items()
+                if not (np.isfinite(med) and np.isfinite(scale) and scale > 0)]
+        if bad:
+            raise CheckpointError(f"{path}: non-finite OOD statistics ({', '.join(sorted(bad))}): the detector "
+                                  "would accept anything; refit it with `fmnist calibrate RUN`")
         return det
 
 
@@ -403,23 +379,3 @@ def _robust_scale(s: torch.Tensor) -> list[float]:
     s = s.double()
     med = float(s.median())
     return [med, max(float(torch.quantile(s, 0.95)) - med, 1e-12)]
-
-
-# --- evaluation metrics --------------------------------------------------------------------------------------
-
-def auroc(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> float:
-    """Probability that an OOD input scores higher than a genuine one (ties count half)."""
-    a, b = id_scores.double().flatten(), ood_scores.double().flatten()
-    s, order = torch.cat([a, b]).sort()
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.arange(1, len(s) + 1, dtype=s.dtype)
-    _, inverse, counts = torch.unique(torch.cat([a, b]), return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=s.dtype).index_add_(0, inverse, ranks)
-    ranks = (sums / counts)[inverse]  # tied scores share their average rank
-    return float((ranks[len(a):].sum() - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))
-
-
-def fpr_at_tpr(id_scores: torch.Tensor, ood_scores: torch.Tensor, tpr: float = 0.95) -> float:
-    """Fraction of OOD inputs still accepted when the threshold accepts ``tpr`` of genuine inputs."""
-    thr = torch.quantile(id_scores.double(), tpr)
-    return float((ood_scores.double() <= thr).double().mean())

@@ -1,27 +1,36 @@
 """Fit the trust layer of a run: temperature (calibration) and out-of-distribution detector.
 
-Called at the end of every ``fmnist train`` and by ``fmnist calibrate RUN``. It reloads the *kept* model from
-the run folder, computes features and logits once for a sample of the training split and for the validation
-split, then
+Called at the end of every ``fmnist train`` and by ``fmnist calibrate RUN``. It loads the *kept* model of the
+run, computes features and logits once (:func:`fmnist.forward.forward`, as the Predictor does) for a sample of
+the training split and for the validation split, then
 
-- fits the temperature on the validation logits (:mod:`fmnist.calibrate`),
-- fits the OOD statistics on the training sample and sets the threshold on validation (:mod:`fmnist.ood`),
+- fits the temperature on the validation logits (:mod:`fmnist.trust.calibration`),
+- fits the OOD statistics on the training sample and sets the threshold on validation (:mod:`fmnist.trust.ood`),
 
 and stores them with the model: ``model.json["calibration"]``, ``model.json["ood"]`` and ``RUN/ood.safetensors``.
 The test split is never used here.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from fmnist.calibrate import calibrate
-from fmnist.checkpoint import load_model, read_json, write_json
-from fmnist.ood import DEFAULT_PARTS, DEFAULT_TARGET, Detector, features_and_logits, pixels01
+from fmnist.forward import TorchBackend, forward
 from fmnist.preprocess import preprocess
+from fmnist.run import Run
+from fmnist.trust.calibration import calibrate
+from fmnist.trust.ood import DEFAULT_PARTS, DEFAULT_TARGET, Detector, pixels01
 
 FIT_SIZE = 10_000  # training images that fit the OOD statistics (stratified sample): as good as 20,000, faster
+# What the fit costs, for a time budget to keep in hand (fmnist.train): two validation passes' worth of model
+# time (features of FIT_SIZE training and the validation images) plus about 2 s of statistics on a 2-core CPU
+# (5.2 s in all after s2d-24, 14 s after resnet-lite).
+COST_FIXED_SECONDS = 4.0
+COST_PER_VALIDATION = 2.0
+
+
+def cost_seconds(validation_seconds: float) -> float:
+    """Predicted seconds of :func:`fit_trust`, given what one validation pass costs."""
+    return COST_FIXED_SECONDS + COST_PER_VALIDATION * validation_seconds
 
 
 def stratified_sample(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
@@ -37,46 +46,39 @@ def stratified_sample(labels: torch.Tensor, size: int, seed: int = 0) -> torch.T
     return torch.cat(picks).sort().values
 
 
-def split_outputs(model, meta: dict, images: torch.Tensor, device=None):
+def run_outputs(run: Run, backend, images: torch.Tensor):
     """(features, logits, pixels in [0, 1]) of uint8 (N, 28, 28) images, as the Predictor computes them."""
-    x = preprocess(images, meta["preprocessing"])
-    feats, logits = features_and_logits(model, x, tta=bool(meta.get("tta", False)), device=device)
-    return feats, logits, pixels01(images)
+    feats, logits = forward(backend, preprocess(images, run.spec), tta=run.tta)
+    return torch.from_numpy(feats), torch.from_numpy(logits), pixels01(images)
 
 
-def fit_trust(run_dir, data, train_idx, val_idx, target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS,
+def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS,
               fit_size: int = FIT_SIZE, device=None, seed: int = 0) -> dict:
-    """Fit temperature and OOD detector for the model in ``run_dir``; update model.json; return a summary."""
-    run_dir = Path(run_dir)
-    train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+    """Fit temperature and OOD detector for the model in ``run_dir`` on its own split; return a summary."""
+    run = Run.load(run_dir, detector=False)
+    train_idx, val_idx = run.split(data.train_labels)
     if len(val_idx) < 20:
         return {"skipped": "no validation split to calibrate on (--val-size 0)"}
-    model, meta = load_model(run_dir, map_location=device or "cpu")
-    model = model.to(memory_format=torch.channels_last)  # as in training: 1.5x faster convolutions on CPU
-    num_classes = len(meta["class_names"])
+    backend = TorchBackend(run.model(device or "cpu"))
+    num_classes = len(run.class_names)
     train_idx = train_idx[stratified_sample(data.train_labels[train_idx], fit_size, seed)]
-    tr_feats, _, tr_pix = split_outputs(model, meta, data.train_images[train_idx], device)
-    va_feats, va_logits, va_pix = split_outputs(model, meta, data.train_images[val_idx], device)
     tr_labels, va_labels = data.train_labels[train_idx], data.train_labels[val_idx]
     if torch.bincount(tr_labels, minlength=num_classes).min() < 3:
         return {"skipped": "fewer than 3 training images of some class (--subset too small)"}
+    tr_feats, _, tr_pix = run_outputs(run, backend, data.train_images[train_idx])
+    va_feats, va_logits, va_pix = run_outputs(run, backend, data.train_images[val_idx])
 
     calibration = calibrate(va_logits, va_labels)
     detector = Detector.fit(tr_feats, tr_labels, tr_pix, va_feats, va_pix, num_classes,
                             target_accept=target_accept, parts=parts, seed=seed, val_logits=va_logits)
-    ood_meta = detector.save(run_dir)
-    # Re-read model.json right before writing: only our two keys change.
-    meta = read_json(run_dir / "model.json")
-    meta["calibration"] = calibration
-    meta["ood"] = ood_meta
-    write_json(run_dir / "model.json", meta)
+    run.update(calibration=calibration, ood=detector.save(run.path))
     return {
         "temperature": calibration["temperature"],
         "val_nll": [calibration["nll_before"], calibration["nll_after"]],
         "val_ece": [calibration["ece_before"], calibration["ece_after"]],
         "ood_parts": list(detector.parts),
         "ood_threshold": detector.threshold,
-        "ood_val_accept": ood_meta["val_accept"],
+        "ood_val_accept": detector.config["val_accept"],
     }
 
 

@@ -1,0 +1,111 @@
+"""``fmnist train`` and ``fmnist models``: train a model into a run folder; list the architectures."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+from fmnist.train import DEFAULT_PRESET, PRESETS, TrainConfig
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# Help text for each TrainConfig field; the default shown is the default preset's value.
+TRAIN_HELP = {
+    "model": "architecture (see `fmnist models`)",
+    "epochs": "epochs to train (ignored when --time-budget is set)",
+    "batch_size": "images per step",
+    "lr": "peak learning rate",
+    "optimizer": "sgd (Nesterov momentum), adam or adamw",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay on weights (not biases or BatchNorm)",
+    "schedule": "learning-rate schedule: onecycle, cosine or constant",
+    "warmup": "fraction of training spent warming the learning rate up",
+    "label_smoothing": "label smoothing of the training loss",
+    "ema": "decay of an exponential moving average of the weights (0 = off)",
+    "augment": "comma-separated: flip,crop,erase,noise,jitter or none",
+    "val_size": "validation images held out of the 60,000 (stratified, seeded)",
+    "select": "which validation figure picks the epoch kept: val_loss or val_acc",
+    "patience": "stop after this many epochs without improvement (0 = never)",
+    "time_budget": "seconds: size the schedule to fit and stop within it (0 = use --epochs)",
+    "seed": "random seed (split, init, shuffling, augmentation)",
+    "threads": "CPU threads (0 = physical cores)",
+    "precision": "auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and on CPUs with native bf16)",
+    "device": "auto, cpu or cuda",
+    "subset": "train on only this many images (quick experiments; 0 = all)",
+    "data_dir": "folder holding the four IDX files (default: search: FMNIST_DATA, Debian's folder, the cache)",
+}
+
+
+def register(sub, formatter_class) -> None:
+    default = dataclasses.asdict(TrainConfig(**PRESETS[DEFAULT_PRESET]))
+    p = sub.add_parser("train", help="train a model and write a run folder",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a model. With no flags, trains the default preset "
+                                   f"({DEFAULT_PRESET!r}). Presets: " + ", ".join(PRESETS) + ".")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help=f"a named recipe; explicit flags override it (default: {DEFAULT_PRESET})")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("preset",):
+            continue
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
+                                                          "bool": bool}.get(str(f.type), str)
+        help_text = TRAIN_HELP.get(f.name, f.name)
+        if f.name in ("tta", "channels_last"):
+            p.add_argument(_flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                           help=f"{'mirrored test-time augmentation' if f.name == 'tta' else 'channels_last memory format'}"
+                                f" (default: {default[f.name]})")
+            continue
+        if "(default" not in help_text:
+            help_text += f" (default: {default[f.name]})"
+        p.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+    p.add_argument("--out", default=None, help="run folder (default: runs/DATE-PRESET-sSEED)")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue an interrupted run from RUN/last.pt")
+    p.add_argument("--no-verify", action="store_true", help="accept IDX files whose checksums are not the official ones")
+    p.add_argument("--dry-run", action="store_true", help="run two steps on a small slice, write nothing, exit")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("models", help="list architectures and parameter counts", formatter_class=formatter_class)
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_train(args) -> int:
+    from fmnist.data import load_fashion_mnist
+    from fmnist.train import resolve_config, train
+
+    if args.resume:
+        from fmnist.checkpoint import read_json
+
+        saved = read_json(Path(args.resume) / "config.json")
+        data = load_fashion_mnist(args.data_dir or saved.get("data_dir"), verify=not args.no_verify)
+        train(None, data=data, resume=args.resume)
+        return 0
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
+    overrides = {k: getattr(args, k) for k in fields}
+    preset = args.preset or DEFAULT_PRESET
+    cfg = resolve_config(preset, **overrides)
+    data = load_fashion_mnist(cfg.data_dir, verify=not args.no_verify)
+    if args.dry_run:
+        cfg = dataclasses.replace(cfg, epochs=1, time_budget=0, subset=min(cfg.subset or 512, 512),
+                                  val_size=min(cfg.val_size, 512) if cfg.val_size else 0)
+        tmp = Path(tempfile.mkdtemp(prefix="fmnist-dry-run-"))
+        try:
+            summary = train(cfg, out=tmp / "run", data=data, max_steps=2)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"dry run ok: {cfg.model}, 2 steps, val acc {100 * summary['best']['val_acc']:.1f} %; nothing written")
+        return 0
+    train(cfg, out=args.out, data=data)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from fmnist.models import count_parameters, create_model, describe, model_names
+
+    print(f"{'name':<12}{'parameters':>12}  description")
+    for name in model_names():
+        print(f"{name:<12}{count_parameters(create_model(name)):>12,}  {describe(name)}")
+    return 0

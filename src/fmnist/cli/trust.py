@@ -1,0 +1,124 @@
+"""``fmnist calibrate RUN`` and ``fmnist ood-eval RUN``: fit and measure the trust layer of a run (:mod:`fmnist.trust`).
+
+``calibrate`` (re)fits the temperature and the OOD detector of an existing run, as ``fmnist train`` does at
+its end, and prints ECE / NLL / Brier before and after on the validation and test splits.
+``ood-eval`` scores every OOD set the way the Predictor sees it (:mod:`fmnist.trust.evaluation`) and prints AUROC, FPR at 95 % TPR and the rejection rates at the run's threshold.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+EXTRAS_HINT = "pip install scikit-image scikit-learn"
+
+
+def register(sub, formatter_class) -> None:
+    from fmnist.trust.fit import FIT_SIZE
+    from fmnist.trust.ood import DEFAULT_PARTS, DEFAULT_TARGET, PARTS
+
+    p = sub.add_parser("calibrate", formatter_class=formatter_class,
+                       help="fit temperature scaling and the OOD detector of a run (done by train too)",
+                       description="Fit the temperature on the validation split and the out-of-distribution "
+                                   "detector on the training split (threshold on validation), store both with "
+                                   "the model, and print ECE / NLL / Brier before and after.")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--target-accept", type=float, default=DEFAULT_TARGET,
+                   help="fraction of genuine validation images the OOD threshold accepts")
+    p.add_argument("--ood-parts", default=",".join(DEFAULT_PARTS),
+                   help=f"comma-separated OOD scores combined, from: {', '.join(PARTS)}")
+    p.add_argument("--fit-size", type=int, default=FIT_SIZE, help="training images that fit the OOD statistics")
+    _data_flags(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("ood-eval", formatter_class=formatter_class,
+                       help="measure out-of-distribution rejection on noise, photos, digits, letters, ...",
+                       description="Score out-of-distribution sets built offline (noise, constant and rotated "
+                                   "images, photo crops, digits, letters, faces, an animal photo) against the "
+                                   "test set, as the Predictor sees them. Photos and faces need scikit-image, "
+                                   f"digits scikit-learn ({EXTRAS_HINT}).")
+    p.add_argument("run", help="run folder (with an OOD detector: see `fmnist calibrate`)")
+    p.add_argument("--n", type=int, default=1000, help="images per OOD set")
+    p.add_argument("--sets", default="all", help="comma-separated set names, or all")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generated sets")
+    p.add_argument("--by-part", action="store_true", help="also print the AUROC of each OOD score alone")
+    p.add_argument("--no-write", action="store_true", help="do not write RUN/ood_eval.json")
+    _data_flags(p)
+    p.set_defaults(func=cmd_ood_eval)
+
+
+def _data_flags(p) -> None:
+    p.add_argument("--data-dir", default=None, help="folder holding the IDX files (default: search)")
+    p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = physical cores)")
+
+
+# --- calibrate -------------------------------------------------------------------------------------------------
+
+def cmd_calibrate(args) -> int:
+    from fmnist import runtime
+    from fmnist.data import load_fashion_mnist
+    from fmnist.evaluate import run_logits
+    from fmnist.forward import TorchBackend
+    from fmnist.run import Run
+    from fmnist.trust.calibration import calibration_metrics, format_calibration
+    from fmnist.trust.fit import describe, fit_trust
+
+    parts = [s.strip() for s in args.ood_parts.split(",") if s.strip()]
+    device = runtime.setup(args.threads or None, "cpu")
+    run = Run.load(args.run, detector=False)  # fails early, with a clear message, on a bad run folder
+    if not run.config:
+        print(f"{run.path}: no config.json; assuming the default split (10,000 validation images, seed 0)")
+    data = load_fashion_mnist(args.data_dir, verify=not args.no_verify)
+    summary = fit_trust(run.path, data, target_accept=args.target_accept, parts=parts, fit_size=args.fit_size,
+                        device=device)
+    print(describe(summary))
+    if "skipped" in summary:
+        return 1
+    run = Run.load(run.path, detector=False)
+    backend = TorchBackend(run.model(device))
+    _, val_idx = run.split(data.train_labels)
+    rows = {split: (calibration_metrics(logits, labels, 1.0), calibration_metrics(logits, labels, run.temperature))
+            for split, logits, labels in (
+                ("validation", run_logits(backend, run, data.train_images[val_idx]), data.train_labels[val_idx]),
+                ("test", run_logits(backend, run, data.test_images), data.test_labels))}
+    test = {f"{k}_{tag}": m[k] for tag, m in zip(("before", "after"), rows["test"]) for k in ("ece", "nll", "brier")}
+    run.update(calibration={**run.calibration, "test": test})
+    print(f"\ntemperature {run.temperature:.4f} (fitted on the validation split; ECE with 15 bins)")
+    print(format_calibration(rows))
+    print(f"\nwrote {run.path / 'model.json'} (calibration, ood) and {run.path / 'ood.safetensors'}")
+    return 0
+
+
+# --- ood-eval --------------------------------------------------------------------------------------------------
+
+def cmd_ood_eval(args) -> int:
+    from fmnist import runtime
+    from fmnist.checkpoint import write_json
+    from fmnist.data import load_fashion_mnist
+    from fmnist.predict import Predictor
+    from fmnist.trust import eval_sets
+    from fmnist.trust.evaluation import evaluate_sets, format_ood_table
+
+    runtime.setup(args.threads or None, "cpu")
+    predictor = Predictor.from_run(args.run)
+    if predictor.detector is None:
+        print(f"fmnist ood-eval: error: {args.run} has no OOD detector; fit one with `fmnist calibrate "
+              f"{args.run}`", file=sys.stderr)
+        return 2
+    names = list(eval_sets.SETS) if args.sets == "all" else [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [n for n in names if n not in eval_sets.SETS]
+    if unknown:
+        raise ValueError(f"unknown OOD set(s) {', '.join(unknown)}; choose from: {', '.join(eval_sets.SETS)}")
+    if args.n < 1:
+        raise ValueError("--n must be >= 1")
+    data = load_fashion_mnist(args.data_dir, verify=not args.no_verify)
+    report, missing = evaluate_sets(predictor, data, names, args.n, args.seed)
+    print(format_ood_table(report, args.by_part))
+    for m in sorted(missing):
+        print(f"skipped: {m}")
+    if missing:
+        print(f"install the optional extras for every set: {EXTRAS_HINT}")
+    if not args.no_write:
+        write_json(Path(args.run) / "ood_eval.json", report)
+        print(f"\nwrote {Path(args.run) / 'ood_eval.json'}")
+    return 0

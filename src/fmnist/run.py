@@ -1,0 +1,179 @@
+"""A run folder, loaded and checked once: :class:`Run` is what every command and the server work from.
+
+A run folder holds ``model.safetensors`` (weights), ``model.json`` (what the weights are: architecture, class
+names, preprocessing, test-time augmentation, kept epoch, validation metrics, and after the trust fit the
+temperature and the OOD detector's settings), ``ood.safetensors`` (the detector's statistics),
+``config.json`` (the training recipe), ``history.csv``, ``env.json``, ``train_summary.json`` and, once
+evaluated, ``metrics.json``. This module is the only reader and writer of ``model.json``.
+
+``Run.load(path)`` validates the folder once and gives typed fields; a missing, truncated or tampered file
+gives one :class:`~fmnist.checkpoint.CheckpointError` naming the file. Runs written before ``schema_version``
+existed (schema 1) load unchanged.
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fmnist.checkpoint import CheckpointError, load_tensors, read_json, save_tensors, write_json
+
+MODEL_FORMAT = "fmnist-model/1"
+SCHEMA_VERSION = 2  # 1: before this field existed (same layout); 2: adds schema_version itself
+MODEL_JSON, WEIGHTS = "model.json", "model.safetensors"
+
+
+def _finite(value, what: str, path: Path, low: float = -math.inf, high: float = math.inf,
+            open_low: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        raise CheckpointError(f"{path}: {what} must be a finite number"
+                              + (f" in ({low}, {high}]" if open_low else f" in [{low}, {high}]"
+                                 if math.isfinite(low) or math.isfinite(high) else "") + f", got {value!r}")
+    return float(value)
+
+
+class Run:
+    """A trained run folder. Fields are plain values; the weights load on demand (:meth:`model`)."""
+
+    def __init__(self, path: Path, meta: dict, config: dict):
+        self.path, self.meta, self.config = path, meta, config
+        where = path / MODEL_JSON
+        self.schema_version = int(meta.get("schema_version", 1))
+        self.model_name: str = meta["model"]
+        self.class_names: list[str] = list(meta["class_names"])
+        self.spec: dict = meta["preprocessing"]
+        self.tta: bool = bool(meta.get("tta", False))
+        calibration = meta.get("calibration") or {}
+        self.calibration: dict | None = calibration or None
+        self.temperature = _finite(calibration.get("temperature", 1.0), "calibration.temperature", where, 0,
+                                   open_low=True)
+        thresholds = meta.get("thresholds") or {}
+        self.confidence_threshold = _finite(thresholds.get("confidence", DEFAULT_CONFIDENCE),
+                                            "thresholds.confidence", where, 0.0, 1.0)
+        self.metrics: dict = meta.get("metrics") or {}
+        self.recipe: dict = meta.get("recipe") or {}
+        self.best_epoch = meta.get("best_epoch")
+        self.select: str = meta.get("select", "")
+        self.parameters = meta.get("parameters")
+        self.detector = None
+
+    # --- loading -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path, detector: bool = True) -> Run:
+        """Read and check ``path``; ``detector=False`` skips loading the OOD detector (the trust fit refits it)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a folder ({'not found' if not path.exists() else 'a file'}): "
+                                  "give a run folder written by `fmnist train`")
+        where = path / MODEL_JSON
+        if not where.is_file():
+            raise CheckpointError(f"{path} is not a run folder: {MODEL_JSON} "
+                                  f"{'is not a regular file' if where.exists() else 'not found'}")
+        meta = read_json(where)
+        _check_meta(meta, where)
+        if not (path / WEIGHTS).is_file():
+            raise CheckpointError(f"{path / WEIGHTS} not found: is {path} a finished run?")
+        config_path = path / "config.json"
+        config = read_json(config_path) if config_path.is_file() else {}
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path} does not hold a JSON object")
+        run = cls(path, meta, config)
+        if detector:
+            from fmnist.trust.ood import Detector
+
+            run.detector = Detector.load(path, meta)
+        return run
+
+    def model(self, device="cpu"):
+        """The PyTorch model with its weights, in eval mode, on ``device``."""
+        from fmnist.models import create_model
+
+        try:
+            model = create_model(self.model_name, num_classes=len(self.class_names))
+        except ValueError as e:
+            raise CheckpointError(f"{self.path / MODEL_JSON}: cannot build the model: {e}") from None
+        state = load_tensors(self.path / WEIGHTS)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.path / WEIGHTS} does not match {self.model_name}: {e}") from None
+        return model.to(device).eval()
+
+    def backend(self, device="cpu", fold_bn: bool = False):
+        """The run's model as an inference backend (:mod:`fmnist.forward`)."""
+        from fmnist.forward import TorchBackend
+
+        return TorchBackend(self.model(device), fold_bn=fold_bn)
+
+    def split(self, labels):
+        """(train_idx, val_idx) of the training images, as the run was trained (``config.json``)."""
+        from fmnist.data import split_indices
+
+        return split_indices(labels, self.config)
+
+    def read_optional(self, name: str) -> dict:
+        """A run's optional JSON file (metrics, summary, env) or {} when absent; a corrupt one still errors."""
+        path = self.path / name
+        return read_json(path) if path.is_file() else {}
+
+    # --- writing ---------------------------------------------------------------------------------------------
+
+    def update(self, **sections) -> None:
+        """Replace top-level sections of ``model.json`` (e.g. calibration, ood), re-read right before writing."""
+        meta = read_json(self.path / MODEL_JSON)
+        meta.update(sections)
+        meta["schema_version"] = SCHEMA_VERSION
+        write_json(self.path / MODEL_JSON, meta)
+        self.meta = meta
+        if "calibration" in sections:
+            self.calibration = sections["calibration"]
+            self.temperature = float(self.calibration["temperature"])
+
+
+def _check_meta(meta, where: Path) -> None:
+    """Structure and values of model.json, with one clear error naming the file."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} does not hold a JSON object")
+    if meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{where}: unsupported format {meta.get('format')!r}")
+    version = meta.get("schema_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+        raise CheckpointError(f"{where}: schema_version {version!r} is not one this fmnist reads "
+                              f"(1 to {SCHEMA_VERSION}); a newer fmnist wrote it?")
+    names = meta.get("class_names")
+    if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
+            or len(set(names)) != len(names)):
+        raise CheckpointError(f"{where}: class_names must be a list of distinct names, got {names!r}")
+    if not isinstance(meta.get("model"), str):
+        raise CheckpointError(f"{where}: model must name an architecture, got {meta.get('model')!r}")
+    spec = meta.get("preprocessing")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{where}: preprocessing is missing or not an object")
+    _finite(spec.get("mean"), "preprocessing.mean", where, 0.0, 1.0)
+    _finite(spec.get("std"), "preprocessing.std", where, 0.0, 1.0, open_low=True)
+    for key in ("calibration", "ood", "thresholds", "metrics", "recipe"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{where}: {key} must be an object")
+
+
+# Seed B's threshold. Scores are calibrated, so an answer under 0.60 is wrong about 40 % of the time or more:
+# the user is told the model is not sure. (The OOD detector, not this gate, tells garments from other images.)
+DEFAULT_CONFIDENCE = 0.60
+
+
+def save_model(run_dir, model, meta: dict) -> None:
+    """Write model.safetensors then model.json (the JSON names the architecture and preprocessing)."""
+    from fmnist.models import count_parameters
+
+    run_dir = Path(run_dir)
+    save_tensors(run_dir / WEIGHTS, model.state_dict(), metadata={"format": MODEL_FORMAT})
+    meta = {"format": MODEL_FORMAT, "schema_version": SCHEMA_VERSION, "model": model.arch_name,
+            "parameters": count_parameters(model), **meta}
+    write_json(run_dir / MODEL_JSON, meta)
+
+
+def created_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
