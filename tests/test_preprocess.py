@@ -409,3 +409,15 @@ def test_no_real_test_image_is_blank(real_images):
     # ... and not after a trip through a shop photo either
     for img in _subset(real_images, 20, seed=5):
         assert not is_blank(to_dataset_format(_shop_photo(img, (30, 30, 60), (40, 70))))
+
+
+def test_one_idea_of_dataset_format_for_a_single_28x28_image():
+    """A uint8 28x28 dark garment on white is a user image like any other: preprocess() inverts it as the
+    Predictor does, instead of taking it for a data-set image because of its dtype and shape."""
+    from fmnist.predict import Predictor
+
+    img = np.full((28, 28), 255, np.uint8)
+    img[4:24, 8:20] = 30  # a dark "garment" on white paper
+    expected = preprocess(Predictor.to_image28(img)[None])
+    torch.testing.assert_close(preprocess(img), expected)
+    assert preprocess(img)[0, 0, 0, 0] < 0  # the background became dark, as in the data set

@@ -1,4 +1,5 @@
-"""Run-folder files: weights as safetensors, metadata as JSON, resume state as tensors only.
+"""Run-folder files at the file level: tensors as safetensors, metadata as JSON, resume state as tensors only
+(what the files of a run *mean* is :mod:`fmnist.run`'s job).
 
 Every write goes to a temporary file in the same folder and is renamed into place, so a crash never leaves a
 half-written checkpoint. Nothing here unpickles arbitrary objects: weights load through safetensors, and the
@@ -14,9 +15,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fmnist.models import count_parameters, create_model
-
-MODEL_FORMAT = "fmnist-model/1"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -58,6 +56,8 @@ def read_json(path) -> dict:
         raise CheckpointError(f"{path} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a file fmnist wrote") from None
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -73,35 +73,6 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:  # safetensors raises several types for corrupt headers/data
         raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
-
-
-def save_model(run_dir, model: torch.nn.Module, meta: dict) -> None:
-    """Write model.safetensors then model.json (the JSON names the architecture and preprocessing)."""
-    run_dir = Path(run_dir)
-    state = {k: v for k, v in model.state_dict().items()}
-    save_tensors(run_dir / "model.safetensors", state, metadata={"format": MODEL_FORMAT})
-    meta = {"format": MODEL_FORMAT, "model": model.arch_name, "parameters": count_parameters(model), **meta}
-    write_json(run_dir / "model.json", meta)
-
-
-def load_model(run_dir, map_location="cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model named in model.json and load its weights; return (model in eval mode, metadata)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} not found")
-    meta = read_json(run_dir / "model.json")
-    if meta.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{run_dir / 'model.json'}: unsupported format {meta.get('format')!r}")
-    try:
-        model = create_model(meta["model"], num_classes=len(meta["class_names"]))
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{run_dir / 'model.json'}: cannot build the model: {e}") from None
-    state = load_tensors(run_dir / "model.safetensors")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{run_dir / 'model.safetensors'} does not match {meta['model']}: {e}") from None
-    return model.to(map_location).eval(), meta
 
 
 def save_state(path, state: dict) -> None:

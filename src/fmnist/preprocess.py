@@ -17,27 +17,28 @@ def make_spec(mean: float = DEFAULT_SPEC["mean"], std: float = DEFAULT_SPEC["std
 
 
 def preprocess(x, spec: dict | None = None) -> torch.Tensor:
-    """Turn images into the float tensor a model takes: shape (N, 1, 28, 28), normalised.
+    """Turn images into the float tensor a model takes: shape (N, 1, size, size), normalised by ``spec``.
 
-    ``x`` is either a batch already in the data set's format (uint8 array/tensor of shape (N, 28, 28) or
-    (28, 28), light garment on black) or a single user image (PIL image, or any other array), which first goes
-    through :func:`to_dataset_format`.
+    ``x`` is either a *batch* of images in the data set's format (uint8 array/tensor of shape (N, 28, 28),
+    light garment on black: the data set's own tensors, or images already through :func:`to_dataset_format`)
+    or a single image of any kind (PIL image or array, including a 28x28 one), which goes through
+    :func:`to_dataset_format`: one idea of "data-set format", decided by content for single images (a dark
+    garment on white is inverted, whatever its size and dtype; an image already in the format is unchanged).
     """
     spec = spec or DEFAULT_SPEC
-    if not _is_dataset_format(x):
-        x = to_dataset_format(x)
+    if not _is_dataset_batch(x, spec["size"]):
+        x = to_dataset_format(x)[None]
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    if t.ndim == 2:
-        t = t.unsqueeze(0)
     t = t.to(torch.float32).div_(255.0)
     return t.sub_(spec["mean"]).div_(spec["std"]).unsqueeze(1)
 
 
-def _is_dataset_format(x) -> bool:
+def _is_dataset_batch(x, size: int) -> bool:
+    """A uint8 (N, size, size) array or tensor: by contract, images already in the data set's format."""
     if isinstance(x, torch.Tensor):
-        return x.dtype == torch.uint8 and tuple(x.shape[-2:]) == (28, 28) and x.ndim in (2, 3)
+        return x.dtype == torch.uint8 and x.ndim == 3 and tuple(x.shape[1:]) == (size, size)
     if isinstance(x, np.ndarray):
-        return x.dtype == np.uint8 and x.shape[-2:] == (28, 28) and x.ndim in (2, 3)
+        return x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == (size, size)
     return False
 
 

@@ -152,6 +152,9 @@ def _check_meta(meta, where: Path) -> None:
     spec = meta.get("preprocessing")
     if not isinstance(spec, dict):
         raise CheckpointError(f"{where}: preprocessing is missing or not an object")
+    if spec.get("size") != 28:
+        raise CheckpointError(f"{where}: preprocessing.size must be 28 (the models take 28x28 images), "
+                              f"got {spec.get('size')!r}")
     _finite(spec.get("mean"), "preprocessing.mean", where, 0.0, 1.0)
     _finite(spec.get("std"), "preprocessing.std", where, 0.0, 1.0, open_low=True)
     for key in ("calibration", "ood", "thresholds", "metrics", "recipe"):
