@@ -347,11 +347,11 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
     report = {"images": len(y), "tolerance": FP32_TOLERANCE, "files": {},
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for name in files:
+        backend = OnnxBackend(run / name, threads=threads, meta=meta)  # checksum, load, signature: clear errors
         try:
             onnx.checker.check_model(str(run / name), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise CheckpointError(f"{run / name} fails the ONNX checker: {e}") from None
-        backend = OnnxBackend(run / name, threads=threads, meta=meta)
         report["files"][name] = {"checker": "passed", "bytes": (run / name).stat().st_size,
                                  **_compare(reference, _outputs(backend, x, batch), y)}
     fp32 = report["files"].get(FP32)
