@@ -7,57 +7,12 @@ resume state through ``torch.load(weights_only=True)``, which only rebuilds tens
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-class CheckpointError(Exception):
-    pass
-
-
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path, obj) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)  # NaN is not JSON: browsers and servers reject it
-            f.write("\n")
-
-    _atomic(Path(path), w)
-
-
-def read_json(path) -> dict:
-    path = Path(path)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise CheckpointError(f"{path} is nested too deeply to be a file fmnist wrote") from None
+from fmnist.runfiles import CheckpointError, _atomic, read_json, write_json  # noqa: F401 (re-exported)
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

@@ -16,7 +16,11 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fmnist.checkpoint import CheckpointError, load_tensors, read_json, save_tensors, write_json
+from fmnist.runfiles import (  # no torch: an ONNX-only deployment reads runs too
+    CheckpointError,
+    read_json,
+    write_json,
+)
 
 MODEL_FORMAT = "fmnist-model/1"
 SCHEMA_VERSION = 2  # 1: before this field existed (same layout); 2: adds schema_version itself
@@ -89,6 +93,7 @@ class Run:
 
     def model(self, device="cpu"):
         """The PyTorch model with its weights, in eval mode, on ``device``."""
+        from fmnist.checkpoint import load_tensors
         from fmnist.models import create_model
 
         try:
@@ -169,6 +174,7 @@ DEFAULT_CONFIDENCE = 0.60
 
 def save_model(run_dir, model, meta: dict) -> None:
     """Write model.safetensors then model.json (the JSON names the architecture and preprocessing)."""
+    from fmnist.checkpoint import save_tensors
     from fmnist.models import count_parameters
 
     run_dir = Path(run_dir)

@@ -1,0 +1,68 @@
+"""Run-folder files that need no PyTorch: the error type, atomic writes, JSON metadata, checksums.
+
+Kept free of ``torch`` so that a deployment without it (ONNX Runtime only) can read a run folder;
+:mod:`fmnist.checkpoint` re-exports these for everything else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False)  # NaN is not JSON: browsers and servers reject it
+            f.write("\n")
+
+    _atomic(Path(path), w)
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a file fmnist wrote") from None
+
+
+def write_bytes(path, data: bytes) -> None:
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(Path(path), w)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
