@@ -14,9 +14,20 @@ import numpy as np
 
 from fmnist.runfiles import CheckpointError, sha256
 
+FP32, INT8 = "model.onnx", "model.int8.onnx"  # the files `fmnist export` writes in a run folder
 INPUT = "image"
 OUTPUTS = ("features", "logits")
 INSTALL_HINT = "pip install onnxruntime (or: pip install 'fmnist[serve]')"
+
+
+BACKENDS = ("torch", "onnx", "auto")
+
+
+def add_backend_flag(p) -> None:
+    """The ``--backend`` flag of predict, evaluate and serve."""
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="inference engine: torch (PyTorch), onnx (ONNX Runtime on RUN/model.onnx, written by "
+                        "`fmnist export`), auto (onnx where exported and installed, else torch) (default: auto)")
 
 
 class MissingDependency(CheckpointError):

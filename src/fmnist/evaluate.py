@@ -86,16 +86,17 @@ def format_report(m: dict, title: str = "test set") -> str:
 
 
 def evaluate_run(run_dir, data=None, tta: bool | None = None, limit: int | None = None, write: bool = True,
-                 threads: int | None = None, device: str = "auto") -> dict:
-    """Evaluate a run folder's model on the official test set and write RUN/metrics.json."""
+                 threads: int | None = None, device: str = "auto", backend: str = "auto") -> dict:
+    """Evaluate a run folder's model on the official test set and write RUN/metrics.json.
+
+    ``backend``: torch, onnx or auto (:meth:`fmnist.run.Run.backend`); the metrics record which one ran."""
     from fmnist.checkpoint import write_json
     from fmnist.data import load_fashion_mnist
-    from fmnist.forward import TorchBackend
     from fmnist.run import Run
 
     dev = runtime.setup(threads, device)
     run = Run.load(run_dir, detector=False)
-    backend = TorchBackend(run.model(dev))
+    backend = run.backend(backend, dev, threads=threads or runtime.physical_cores())
     data = data or load_fashion_mnist()
     images, labels = data.test_images, data.test_labels
     if limit:
@@ -108,6 +109,7 @@ def evaluate_run(run_dir, data=None, tta: bool | None = None, limit: int | None 
         m["accuracy_no_tta"] = float((run_logits(backend, run, images, False).argmax(1) == labels).double().mean())
     m["tta"] = tta
     m["model"] = run.model_name
+    m["backend"] = backend.name
     if write:
         write_json(Path(run_dir) / "metrics.json", m)
     return m

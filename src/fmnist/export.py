@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from fmnist.backends import (
+    FP32,
     INPUT,
+    INT8,
     OUTPUTS,
     MissingDependency,
     OnnxBackend,
@@ -38,7 +40,6 @@ from fmnist.backends import (
 )
 from fmnist.runfiles import CheckpointError, sha256, write_bytes, write_json
 
-FP32, INT8 = "model.onnx", "model.int8.onnx"
 # 18: the oldest opset the dynamo exporter emits natively (older ones go through a lossy version converter);
 # ONNX Runtime has run it since 1.14.
 DEFAULT_OPSET = 18

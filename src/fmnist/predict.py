@@ -49,9 +49,11 @@ class Predictor:
                               float(ood_threshold) if ood_threshold is not None else self.detector.threshold)
 
     @classmethod
-    def from_run(cls, run_dir, device: str = "cpu", fold_bn: bool = False, **kwargs) -> Predictor:
+    def from_run(cls, run_dir, backend: str = "torch", device: str = "cpu", fold_bn: bool = False,
+                 threads: int = 1, **kwargs) -> Predictor:
+        """``backend``: torch, onnx or auto (see :meth:`fmnist.run.Run.backend`)."""
         run = Run.load(run_dir)
-        return cls(run, run.backend(device, fold_bn=fold_bn), **kwargs)
+        return cls(run, run.backend(backend, device, fold_bn=fold_bn, threads=threads), **kwargs)
 
     def info(self) -> dict:
         """What the server's /api/model shows: architecture, size, metrics, thresholds, classes."""
@@ -71,6 +73,7 @@ class Predictor:
                 k: self.detector.config.get(k) for k in ("method", "parts", "threshold", "target_accept",
                                                          "val_accept")},
             "tta": self.run.tta,
+            "backend": self.backend.name,
             "recipe": self.run.recipe or None,
         }
 

@@ -107,8 +107,18 @@ class Run:
             raise CheckpointError(f"{self.path / WEIGHTS} does not match {self.model_name}: {e}") from None
         return model.to(device).eval()
 
-    def backend(self, device="cpu", fold_bn: bool = False):
-        """The run's model as an inference backend (:mod:`fmnist.forward`)."""
+    def backend(self, kind: str = "torch", device="cpu", fold_bn: bool = False, threads: int = 1):
+        """The run's model as an inference backend (:mod:`fmnist.forward`): ``torch`` (PyTorch, BatchNorm
+        optionally folded), ``onnx`` (ONNX Runtime on ``RUN/model.onnx``, see ``fmnist export``; ``threads``
+        intra-op threads) or ``auto`` (ONNX Runtime where the run was exported and onnxruntime is installed)."""
+        from fmnist.backends import BACKENDS, FP32, OnnxBackend, onnxruntime_available
+
+        if kind not in BACKENDS:
+            raise ValueError(f"unknown backend {kind!r}; choose one of: {', '.join(BACKENDS)}")
+        if kind == "auto":
+            kind = "onnx" if (self.path / FP32).is_file() and onnxruntime_available() else "torch"
+        if kind == "onnx":
+            return OnnxBackend(self.path / FP32, threads=threads, meta=self.meta)
         from fmnist.forward import TorchBackend
 
         return TorchBackend(self.model(device), fold_bn=fold_bn)

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fmnist.backends import add_backend_flag
+
 
 def register(sub, formatter_class) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run on the official test set", formatter_class=formatter_class)
@@ -15,6 +17,7 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = physical cores)")
     p.add_argument("--dry-run", action="store_true", help="evaluate 256 images, write nothing")
+    add_backend_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files (PNG/JPEG/BMP/GIF/WebP/TIFF or IDX)",
@@ -25,6 +28,7 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="refuse answers under this confidence (default: the run's, 0.60 unless set)")
     p.add_argument("--dry-run", action="store_true", help="check the model and inputs, print no predictions")
+    add_backend_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -34,7 +38,7 @@ def cmd_evaluate(args) -> int:
 
     data = load_fashion_mnist(args.data_dir, verify=not args.no_verify)
     m = evaluate_run(args.run, data=data, tta=args.tta, limit=256 if args.dry_run else None,
-                     write=not args.dry_run, threads=args.threads or None)
+                     write=not args.dry_run, threads=args.threads or None, backend=args.backend)
     print(format_report(m, title=f"{args.run} on the official test set" if not args.dry_run else "dry run"))
     if m["tta"]:
         print(f"\nwith mirrored TTA {100 * m['accuracy']:.2f} %, without {100 * m['accuracy_no_tta']:.2f} %")
@@ -69,7 +73,8 @@ def cmd_predict(args) -> int:
     from fmnist.images import ImageError
     from fmnist.predict import Predictor
 
-    predictor = Predictor.from_run(args.run, confidence_threshold=args.threshold, top_k=args.top_k)
+    predictor = Predictor.from_run(args.run, backend=args.backend, confidence_threshold=args.threshold,
+                                   top_k=args.top_k)
     failures = total = 0
     for name, item in _expand_inputs(args.files):
         total += 1

@@ -54,6 +54,7 @@ class Settings:
     ood_threshold: float | None
     threads: int
     max_batch: int
+    backend: str = "auto"
 
 
 # --- response schemas (for the OpenAPI page; responses are not re-validated, to keep requests cheap) ------
@@ -90,7 +91,7 @@ ERRORS = {
 
 def create_app(run_dir, *, max_body: int = 8_000_000, max_pixels: int = MAX_PIXELS, max_concurrency: int = 32,
                threshold: float | None = None, ood_threshold: float | None = None, threads: int = 1,
-               max_batch: int = 32) -> FastAPI:
+               max_batch: int = 32, backend: str = "auto") -> FastAPI:
     """The application serving the model of ``run_dir`` (loaded at start-up, in the lifespan).
 
     ``max_body``: bytes per request body; ``max_pixels``: width*height per image, checked before decoding;
@@ -107,7 +108,7 @@ def create_app(run_dir, *, max_body: int = 8_000_000, max_pixels: int = MAX_PIXE
         if not ok:
             raise ValueError(message)
     settings = Settings(Path(run_dir), int(max_body), int(max_pixels), int(max_concurrency), threshold,
-                        ood_threshold, int(threads), int(max_batch))
+                        ood_threshold, int(threads), int(max_batch), backend)
 
     app = FastAPI(title="fmnist", version=fmnist.__version__, lifespan=_lifespan,
                   description="Classify garment images into the 10 Fashion-MNIST classes. Answers under the "
@@ -137,7 +138,9 @@ async def _lifespan(app: FastAPI):
     anyio.to_thread.current_default_thread_limiter().total_tokens = 8
     extra = {} if s.ood_threshold is None else {"ood_threshold": s.ood_threshold}
     # BatchNorm folded into the convolutions: the same function with fewer layers (about a quarter less time).
-    load = functools.partial(Predictor.from_run, s.run_dir, fold_bn=True, confidence_threshold=s.threshold, **extra)
+    # One intra-op thread per inference worker, no spinning (ONNX Runtime): the cores are shared with the event loop.
+    load = functools.partial(Predictor.from_run, s.run_dir, backend=s.backend, fold_bn=True, threads=1,
+                             confidence_threshold=s.threshold, **extra)
     predictor = await anyio.to_thread.run_sync(load)
     await anyio.to_thread.run_sync(_warm_up, predictor)  # first calls allocate; keep that off requests
     # Everything allocated so far (PyTorch, the model, FastAPI) lives as long as the server: move it out of the

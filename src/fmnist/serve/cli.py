@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=DEFAULTS["threads"],
                    help=f"inference worker threads, each running PyTorch on one thread "
                         f"(default: {DEFAULTS['threads']})")
+    from fmnist.backends import add_backend_flag
+
+    add_backend_flag(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default: info)")
     p.add_argument("--access-log", default=True, action=argparse.BooleanOptionalAction,
@@ -83,7 +86,7 @@ def cmd_serve(args) -> int:
     app = create_app(args.run, max_body=int(args.max_body_mb * 1_000_000),
                      max_pixels=args.max_pixels or MAX_PIXELS, max_concurrency=args.max_concurrency,
                      threshold=args.threshold, ood_threshold=args.ood_threshold, threads=args.threads,
-                     max_batch=args.max_batch)
+                     max_batch=args.max_batch, backend=args.backend)
     if not _is_loopback(args.host):
         print(f"note: listening on {args.host}: the server is reachable from other machines", flush=True)
     print(f"serving {args.run} at http://{_url_host(args.host)}:{args.port}/ (API docs at /docs)", flush=True)
