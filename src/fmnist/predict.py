@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from fmnist.forward import forward
 from fmnist.images import decode_image
@@ -26,10 +25,10 @@ from fmnist.trust.ood import pixels01
 
 @dataclass
 class Analysis:
-    """What one pass over a batch gives: calibrated probabilities, OOD scores (None without a detector),
-    and, when asked for, each OOD part's standardised score."""
-    probs: torch.Tensor
-    ood: torch.Tensor | None
+    """What one pass over a batch gives: calibrated probabilities (float64), OOD scores (None without a
+    detector) and, when asked for, each OOD part's standardised score; NumPy arrays (no PyTorch needed)."""
+    probs: np.ndarray
+    ood: np.ndarray | None
     parts: dict | None = None
 
 
@@ -84,7 +83,7 @@ class Predictor:
         """Any accepted input -> uint8 (28, 28) in the data set's format (the image the model sees)."""
         if isinstance(item, (bytes, bytearray, str, os.PathLike)):
             item = decode_image(bytes(item) if isinstance(item, bytearray) else item)
-        if isinstance(item, torch.Tensor):
+        if hasattr(item, "detach"):  # a PyTorch tensor (checked without importing PyTorch)
             item = item.detach().cpu().numpy()
         # to_dataset_format returns an image already in the data set's format unchanged, bit for bit; any other
         # array (a dark garment on white, say) is prepared exactly as the same pixels sent as a PNG would be.
@@ -97,9 +96,9 @@ class Predictor:
         (:func:`fmnist.forward.forward`, mirrored TTA as trained) that gives both logits and features."""
         images28 = np.ascontiguousarray(images28)
         if not len(images28):
-            return Analysis(torch.empty(0, len(self.class_names)), None)
+            return Analysis(np.empty((0, len(self.class_names))), None)
         feats, logits = forward(self.backend, preprocess(images28, self.run.spec), tta=self.run.tta)
-        probs = torch.softmax(torch.from_numpy(logits) / self.run.temperature, dim=1)
+        probs = softmax(logits.astype(np.float64) / self.run.temperature)
         if self.detector is None:
             return Analysis(probs, None)
         std = self.detector.standardised(feats, pixels01(images28), logits)
@@ -116,8 +115,7 @@ class Predictor:
         analysis = self.analyse(batch)
         probs, ood = analysis.probs, analysis.ood
         ood = [None] * len(batch) if ood is None else ood.tolist()
-        # Top classes of the whole batch at once, as plain Python numbers (per-row tensor calls cost more).
-        probs = probs.double().numpy()
+        # Top classes of the whole batch at once, as plain Python numbers (per-row calls cost more).
         ids = np.argsort(-probs, axis=1, kind="stable")[:, :self.top_k]
         scores = np.take_along_axis(probs, ids, axis=1)
         return [self._result(img, s, i, o, return_image)
@@ -150,3 +148,8 @@ class Predictor:
         if return_image:
             out["image"] = img
         return out
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)

@@ -66,3 +66,25 @@ def write_bytes(path, data: bytes) -> None:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def save_arrays(path, arrays: dict, metadata: dict | None = None) -> None:
+    """NumPy arrays to a safetensors file, atomically (the PyTorch-free twin of checkpoint.save_tensors)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    _atomic(Path(path), lambda tmp: save_file(arrays, tmp, metadata=metadata))
+
+
+def load_arrays(path) -> dict:
+    """A safetensors file as NumPy arrays; a clear CheckpointError for a missing or damaged file."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for corrupt headers/data
+        raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None

@@ -14,9 +14,9 @@ def score(predictor, items) -> dict:
     """What ood-eval needs of images sent to the Predictor: OOD scores (total and per part), reasons, classes."""
     imgs = np.stack([predictor.to_image28(it) for it in items])
     analysis = predictor.analyse(imgs, parts=True)
-    conf = analysis.probs.max(1).values
+    conf = analysis.probs.max(1)
     reasons = [predictor.reason(im, float(c), float(s)) for im, c, s in zip(imgs, conf, analysis.ood)]
-    return {"ood": analysis.ood.numpy(), "reasons": reasons, "pred": analysis.probs.argmax(1).numpy(),
+    return {"ood": analysis.ood, "reasons": reasons, "pred": analysis.probs.argmax(1),
             "parts": {k: np.asarray(v) for k, v in analysis.parts.items()}}
 
 

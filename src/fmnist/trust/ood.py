@@ -36,10 +36,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from fmnist.checkpoint import CheckpointError, load_tensors, save_tensors
+from fmnist.runfiles import CheckpointError, load_arrays, save_arrays
 
 OOD_FORMAT = "fmnist-ood/1"
 OOD_FILE = "ood.safetensors"
@@ -54,9 +52,9 @@ PIXEL_COMPONENTS = 30
 SHRINK = 1e-3  # covariance shrinkage towards the mean variance, relative: keeps inverses stable
 
 
-def pixels01(images28) -> torch.Tensor:
-    """uint8 (N, 28, 28) images -> float (N, 28, 28) in [0, 1], the pixel space of the input-side scores."""
-    return torch.as_tensor(images28).reshape(-1, 28, 28).float() / 255.0
+def pixels01(images28) -> np.ndarray:
+    """uint8 (N, 28, 28) images -> float32 (N, 28, 28) in [0, 1], the pixel space of the input-side scores."""
+    return _as_array(images28).reshape(-1, 28, 28).astype(np.float32) / np.float32(255.0)
 
 
 # --- fitting and scoring each part ---------------------------------------------------------------------------
@@ -64,19 +62,13 @@ def pixels01(images28) -> torch.Tensor:
 # Scoring runs in NumPy: a served request scores one image, where PyTorch's per-operation overhead (~10 us,
 # some 60 small operations) cost more than the arithmetic; NumPy's is a few microseconds.
 
+def _as_array(x) -> np.ndarray:
+    """A NumPy array of ``x`` (an array, or a tensor: this module scores without importing PyTorch)."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
 def _np(x) -> np.ndarray:
-    return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32, copy=False)
-
-
-def _gaussians(x: torch.Tensor, labels: torch.Tensor, num_classes: int, shared: bool) -> tuple:
-    """Class means and precision matrices (one shared, or one per class) with their log-determinants."""
-    x = torch.as_tensor(x).double()
-    means = torch.stack([x[labels == c].mean(0) for c in range(num_classes)])
-    eye = torch.eye(x.shape[1], dtype=x.dtype)
-    groups = [x - means[labels]] if shared else [x[labels == c] - means[c] for c in range(num_classes)]
-    covs = [z.T @ z / len(z) for z in groups]
-    covs = torch.stack([c + SHRINK * c.diagonal().mean() * eye for c in covs])
-    return means.float(), torch.linalg.inv(covs).float(), torch.logdet(covs).float()
+    return _as_array(x).astype(np.float32, copy=False)
 
 
 def _gaussian_nll(x, means, precisions, logdets) -> np.ndarray:
@@ -122,27 +114,6 @@ def image_stats(u) -> np.ndarray:
     asym = np.abs(np.stack([u - u[:, :, ::-1], u - u[:, ::-1]])).mean((2, 3)) / (mean + eps)  # (2, N)
     return np.stack([mean, std, levels[:, 0], levels[:, 1], levels[:, 2], border, extent[0], extent[1], edges,
                      cy, cx, asym[0], asym[1]], 1).astype(np.float32)
-
-
-def _fit_pixel(u: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int) -> dict:
-    x = u.flatten(1).double()
-    d = x.shape[1]
-    means, comps, variances, rest = [], [], [], []
-    for c in range(num_classes):
-        xc = x[labels == c]
-        m = xc.mean(0)
-        z = xc - m
-        # Eigen-decomposition of the D x D covariance: 5x faster than an SVD of the N x D data for N ~ 1,000.
-        var, vec = torch.linalg.eigh(z.T @ z / len(xc))
-        var, vec = var.flip(0).clamp(min=0), vec.flip(1)
-        kk = min(k, len(xc) - 1, d - 1)
-        v = vec[:, :k].T
-        means.append(m)
-        comps.append(v if kk == k else torch.cat([v[:kk], torch.zeros(k - kk, d, dtype=x.dtype)]))
-        variances.append(torch.cat([var[:kk], torch.ones(k - kk, dtype=x.dtype)]))
-        rest.append(var[kk:].sum() / (d - kk) + 1e-6)
-    return {"pixel.means": torch.stack(means).float(), "pixel.components": torch.stack(comps).float(),
-            "pixel.variances": torch.stack(variances).float(), "pixel.residual": torch.stack(rest).float()}
 
 
 def _pixel_derived(t: dict) -> dict:
@@ -205,27 +176,12 @@ def _score_knn(t: dict, feats, k: int) -> np.ndarray:
     return 1.0 - nearest
 
 
-def _fit_parts(parts, feats, labels, u, num_classes: int, bank_size: int, seed: int) -> dict:
-    t: dict[str, torch.Tensor] = {}
-    if "knn" in parts:
-        idx = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:bank_size]
-        t["knn.bank"] = F.normalize(feats[idx].float(), dim=1).half()  # half precision: half the file
-    if "pixel" in parts or "orientation" in parts:
-        t.update(_fit_pixel(u, labels, num_classes, PIXEL_COMPONENTS))
-    if "stats" in parts:
-        t["stats.means"], t["stats.precisions"], t["stats.logdets"] = _gaussians(
-            torch.from_numpy(image_stats(u)), labels, num_classes, shared=False)
-    if "mahalanobis" in parts:
-        t["mahalanobis.means"], t["mahalanobis.precision"], _ = _gaussians(feats, labels, num_classes, shared=True)
-    return t
-
-
 # --- the detector --------------------------------------------------------------------------------------------
 
 class Detector:
     """Fitted statistics, standardisation and threshold; ``score(features, pixels) > threshold`` means OOD."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], config: dict):
+    def __init__(self, tensors: dict, config: dict):
         self.tensors = dict(tensors)  # what is saved
         # What scoring reads: NumPy float32 copies, with the derived constants computed once here, not per call.
         self.arrays = {k: _np(v) for k, v in self.tensors.items()}
@@ -241,35 +197,19 @@ class Detector:
         self.threshold = float(config.get("threshold", float("inf")))
 
     @classmethod
-    def fit(cls, train_feats: torch.Tensor, train_labels: torch.Tensor, train_pixels: torch.Tensor,
-            val_feats: torch.Tensor, val_pixels: torch.Tensor, num_classes: int,
+    def fit(cls, train_feats, train_labels, train_pixels, val_feats, val_pixels, num_classes: int,
             target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS, bank_size: int = BANK_SIZE,
-            seed: int = 0, val_logits: torch.Tensor | None = None) -> Detector:
+            seed: int = 0, val_logits=None) -> Detector:
         """Fit on training features and pixels (in [0, 1]); standardise and set the threshold on validation
-        (features, pixels and, for the energy score, logits)."""
-        parts = list(parts)
-        unknown = sorted(set(parts) - set(PARTS))
-        if unknown or not parts:
-            raise ValueError(f"unknown OOD score(s) {', '.join(unknown) or '(none given)'}; "
-                             f"choose from {', '.join(PARTS)}")
-        if not 0 < target_accept < 1:
-            raise ValueError("the target acceptance rate must be between 0 and 1 (e.g. 0.95)")
-        tensors = _fit_parts(parts, train_feats, train_labels.long(), train_pixels.reshape(-1, 28, 28).float(),
-                             num_classes, bank_size, seed)
-        det = cls(tensors, {"format": OOD_FORMAT, "parts": parts, "knn_k": KNN_K, "combine": COMBINE})
-        raw = det.part_scores(val_feats, val_pixels, val_logits)
-        det.config["standardise"] = {name: _robust_scale(s) for name, s in raw.items()}
-        det.set_threshold(det.combine(_standardise(raw, det.config["standardise"])), target_accept)
-        det.config.update({
-            "method": f"{COMBINE} of validation-standardised scores: " + ", ".join(parts),
-            "fit_on": f"training split ({len(train_feats)} images)",
-            "threshold_on": f"validation split ({len(val_feats)} images)",
-        })
-        return det
+        (features, pixels and, for the energy score, logits). See :mod:`fmnist.trust.ood_fit`."""
+        from fmnist.trust.ood_fit import fit_detector
 
-    def part_scores(self, feats, pixels, logits=None) -> dict[str, torch.Tensor]:
+        return fit_detector(cls, train_feats, train_labels, train_pixels, val_feats, val_pixels, num_classes,
+                            target_accept, parts, bank_size, seed, val_logits)
+
+    def part_scores(self, feats, pixels, logits=None) -> dict[str, np.ndarray]:
         """Raw score of each part."""
-        return {name: torch.from_numpy(v) for name, v in self._raw(feats, pixels, logits).items()}
+        return self._raw(feats, pixels, logits)
 
     def _raw(self, feats, pixels, logits=None, chunk: int = 1024) -> dict[str, np.ndarray]:
         """Raw score of each part (NumPy), in chunks (the orientation score turns each image four ways)."""
@@ -298,43 +238,27 @@ class Detector:
                                           np.zeros(len(t["mahalanobis.means"]), np.float32))
         return {name: np.asarray(v, np.float32) for name, v in out.items()}
 
-    def standardised(self, feats, pixels, logits=None) -> dict[str, torch.Tensor]:
+    def standardised(self, feats, pixels, logits=None) -> dict[str, np.ndarray]:
         """Each part's score on the common scale: (score - validation median) / (95th percentile - median)."""
-        return {name: torch.from_numpy(v) for name, v in self._standardised(feats, pixels, logits).items()}
-
-    def _standardised(self, feats, pixels, logits=None) -> dict[str, np.ndarray]:
         return _standardise(self._raw(feats, pixels, logits), self.config["standardise"])
 
-    def combine(self, standardised: dict) -> torch.Tensor:
+    def combine(self, standardised: dict) -> np.ndarray:
         """The detector's score from its standardised parts: their sum (or, for older runs, the highest)."""
         stacked = np.stack([_np(v) for v in standardised.values()])
-        return torch.from_numpy(stacked.sum(0) if self.rule == "sum" else stacked.max(0))
+        return stacked.sum(0) if self.rule == "sum" else stacked.max(0)
 
-    def score(self, feats, pixels, logits=None) -> torch.Tensor:
+    def score(self, feats, pixels, logits=None) -> np.ndarray:
         """The OOD score of each input: the sum over parts of (score - median) / (95th percentile - median).
 
         ``feats``: penultimate features, ``pixels``: (N, 28, 28) in [0, 1], ``logits``: the model's (for the
         energy score).
         """
-        return self.combine(self._standardised(feats, pixels, logits))
-
-    def set_threshold(self, val_scores: torch.Tensor, target_accept: float) -> None:
-        """Accept ``target_accept`` of genuine images: a quantile of the validation scores.
-
-        The quantile is raised by 1.28 standard errors of a proportion (a one-sided 90 % bound) so that new
-        genuine images are accepted at least at the target rate, not just on average: with 10,000 validation
-        images the threshold accepts about 95.3 % of them for a 95 % target (measured: 94.9 % on the test set
-        with the plain quantile).
-        """
-        n = max(len(val_scores), 1)
-        level = min(target_accept + 1.28 * (target_accept * (1 - target_accept) / n) ** 0.5, 1.0)
-        self.threshold = float(torch.quantile(val_scores.double(), level))
-        self.config.update({"threshold": self.threshold, "target_accept": float(target_accept),
-                            "val_accept": float((val_scores <= self.threshold).double().mean())})
+        return self.combine(self.standardised(feats, pixels, logits))
 
     def save(self, run_dir) -> dict:
         """Write RUN/ood.safetensors; return the JSON part for ``model.json["ood"]``."""
-        save_tensors(Path(run_dir) / OOD_FILE, self.tensors, metadata={"format": OOD_FORMAT})
+        save_arrays(Path(run_dir) / OOD_FILE, {k: _as_array(v) for k, v in self.tensors.items()},
+                    metadata={"format": OOD_FORMAT})
         return dict(self.config)
 
     @classmethod
@@ -353,7 +277,7 @@ class Detector:
         if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
             raise CheckpointError(f"{Path(run_dir) / 'model.json'}: OOD threshold must be a finite number, "
                                   f"got {threshold!r}")
-        det = cls(load_tensors(path), config)
+        det = cls(load_arrays(path), config)
         need = {"orientation": "pixel"}
         missing = [n for n in det.parts if n not in NEEDS_NO_FIT
                    and not any(k.startswith(need.get(n, n) + ".") for k in det.tensors)]
@@ -372,10 +296,3 @@ class Detector:
 def _standardise(raw: dict, std: dict) -> dict:
     """(score - validation median) / (95th percentile - median), part by part (arrays or tensors, float32)."""
     return {n: (s - np.float32(std[n][0])) / np.float32(std[n][1]) for n, s in raw.items()}
-
-
-def _robust_scale(s: torch.Tensor) -> list[float]:
-    """[median, 95th percentile - median] of validation scores: puts every part on one scale."""
-    s = s.double()
-    med = float(s.median())
-    return [med, max(float(torch.quantile(s, 0.95)) - med, 1e-12)]
