@@ -18,7 +18,7 @@ import numpy as np
 
 from fmnist.forward import forward
 from fmnist.images import decode_image
-from fmnist.preprocess import is_blank, preprocess, to_dataset_format
+from fmnist.preprocess import is_blank, preprocess_array, to_dataset_format
 from fmnist.run import Run
 from fmnist.trust.ood import pixels01
 
@@ -97,7 +97,7 @@ class Predictor:
         images28 = np.ascontiguousarray(images28)
         if not len(images28):
             return Analysis(np.empty((0, len(self.class_names))), None)
-        feats, logits = forward(self.backend, preprocess(images28, self.run.spec), tta=self.run.tta)
+        feats, logits = forward(self.backend, preprocess_array(images28, self.run.spec), tta=self.run.tta)
         probs = softmax(logits.astype(np.float64) / self.run.temperature)
         if self.detector is None:
             return Analysis(probs, None)

@@ -6,7 +6,6 @@ model always sees its inputs prepared exactly as in training.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 # Mean and std of the 60,000 official training images scaled to [0, 1].
 DEFAULT_SPEC = {"size": 28, "mean": 0.2860, "std": 0.3530}
@@ -16,8 +15,15 @@ def make_spec(mean: float = DEFAULT_SPEC["mean"], std: float = DEFAULT_SPEC["std
     return {"size": 28, "mean": float(mean), "std": float(std)}
 
 
-def preprocess(x, spec: dict | None = None) -> torch.Tensor:
-    """Turn images into the float tensor a model takes: shape (N, 1, size, size), normalised by ``spec``.
+def preprocess(x, spec: dict | None = None):
+    """:func:`preprocess_array` as a PyTorch tensor (shared memory, no copy), for training and evaluation."""
+    import torch
+
+    return torch.from_numpy(preprocess_array(x, spec))
+
+
+def preprocess_array(x, spec: dict | None = None) -> np.ndarray:
+    """Turn images into what a model takes: float32 (N, 1, size, size), normalised by ``spec``. NumPy only.
 
     ``x`` is either a *batch* of images in the data set's format (uint8 array/tensor of shape (N, 28, 28),
     light garment on black: the data set's own tensors, or images already through :func:`to_dataset_format`)
@@ -26,20 +32,20 @@ def preprocess(x, spec: dict | None = None) -> torch.Tensor:
     garment on white is inverted, whatever its size and dtype; an image already in the format is unchanged).
     """
     spec = spec or DEFAULT_SPEC
+    if hasattr(x, "detach"):  # a PyTorch tensor (checked without importing PyTorch)
+        x = x.detach().cpu().numpy()
     if not _is_dataset_batch(x, spec["size"]):
         x = to_dataset_format(x)[None]
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    t = t.to(torch.float32).div_(255.0)
-    return t.sub_(spec["mean"]).div_(spec["std"]).unsqueeze(1)
+    # float32 throughout, in the order training always used: /255, -mean, /std
+    t = np.asarray(x).astype(np.float32) / np.float32(255.0)
+    t -= np.float32(spec["mean"])
+    t /= np.float32(spec["std"])
+    return t[:, None]
 
 
 def _is_dataset_batch(x, size: int) -> bool:
-    """A uint8 (N, size, size) array or tensor: by contract, images already in the data set's format."""
-    if isinstance(x, torch.Tensor):
-        return x.dtype == torch.uint8 and x.ndim == 3 and tuple(x.shape[1:]) == (size, size)
-    if isinstance(x, np.ndarray):
-        return x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == (size, size)
-    return False
+    """A uint8 (N, size, size) array: by contract, images already in the data set's format."""
+    return isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == (size, size)
 
 
 def to_dataset_format(image) -> np.ndarray:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from fmnist.augment import parse_augment
 
 
 @dataclass
@@ -84,6 +85,8 @@ def resolve_config(preset: str | None = None, **overrides) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
+    from fmnist.augment import parse_augment
+
     parse_augment(cfg.augment)
     checks = [
         (cfg.epochs >= 1, "--epochs must be >= 1"),
@@ -115,6 +118,8 @@ def lr_at(cfg: TrainConfig, progress: float) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    import torch
+
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fmnist.train import DEFAULT_PRESET, PRESETS, TrainConfig
+from fmnist.recipes import DEFAULT_PRESET, PRESETS, TrainConfig
 
 
 def _flag(name: str) -> str:
