@@ -2,11 +2,11 @@
 
 Fits every variant on the run's validation split (the split `fmnist train` held out: config.json's val_size
 and seed) with the run's temperature, and measures it on the official test set: the default of
-`fmnist.conformal.fit` (deterministic RAPS, k_reg 2, lam 0.1), plain APS, RAPS at other k_reg/lam, RAPS tuned
+`fmnist.trust.conformal.fit` (deterministic RAPS, k_reg 2, lam 0.1), plain APS, RAPS at other k_reg/lam, RAPS tuned
 as in Angelopoulos et al. (on a fifth of the validation images), randomised APS (exact coverage, but a
 different answer for the same image) with and without the top label forced in, and APS with U = 1 (Romano's
 non-randomised sets). ``--synthetic`` runs the same comparison on calibrated synthetic classifiers instead
-(no model, no data; the figures quoted in fmnist/conformal.py's docstring).
+(no model, no data; the figures quoted in fmnist/trust/conformal.py's docstring).
 
     python benchmarks/conformal_check.py runs/latest
     python benchmarks/conformal_check.py runs/latest --coverage 0.9 --data-dir /path/to/idx
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist import conformal
+from fmnist.trust import conformal
 
 FIXED = ((1, 0.1), (3, 0.1), (2, 0.01), (2, 0.05), (2, 0.2), (2, 0.5))  # (k_reg, lam) of the other RAPS rows
 LAMBDAS = (0.0, 0.001, 0.01, 0.1, 0.2, 0.5)  # the tuning grid of Angelopoulos et al., plus 0
@@ -88,30 +88,25 @@ def print_table(title: str, rows: dict[str, list[tuple[float, ...]]]) -> None:
 
 def run_probs(run_dir: Path, data_dir, verify: bool, threads: int):
     """Calibrated (validation probs, labels, test probs, labels) of a run folder's model."""
-    import torch
-
     from fmnist import runtime
-    from fmnist.checkpoint import load_model, read_json
-    from fmnist.data import load_fashion_mnist, stratified_split
-    from fmnist.evaluate import batched_logits
-    from fmnist.preprocess import preprocess
+    from fmnist.data import load_fashion_mnist
+    from fmnist.evaluate import run_logits
+    from fmnist.predict import softmax
+    from fmnist.run import Run
 
     device = runtime.setup(threads or None, "cpu")
-    model, meta = load_model(run_dir, map_location=device)
-    cfg = read_json(run_dir / "config.json")
-    if not cfg.get("val_size"):
-        raise SystemExit(f"{run_dir}: the run held out no validation split (val_size 0): nothing to fit on")
-    temperature = meta.get("calibration", {}).get("temperature")
-    if temperature is None:
+    run = Run.load(run_dir, detector=False)
+    if run.calibration is None:
         print(f"{run_dir}: no calibration in model.json (run `fmnist calibrate` first); using temperature 1",
               file=sys.stderr)
     data = load_fashion_mnist(data_dir, verify=verify)
-    _, val_idx = stratified_split(data.train_labels, cfg["val_size"], cfg["seed"])
+    _, val_idx = run.split(data.train_labels)
+    if not len(val_idx):
+        raise SystemExit(f"{run_dir}: the run held out no validation split (val_size 0): nothing to fit on")
+    backend = run.backend("torch", device)
 
     def probs(images):
-        logits = batched_logits(model, preprocess(images, meta["preprocessing"]), tta=meta.get("tta", False),
-                                device=device)
-        return torch.softmax(logits.double() / (temperature or 1.0), dim=1).numpy()
+        return softmax(run_logits(backend, run, images).numpy().astype(np.float64) / run.temperature)
 
     return (probs(data.train_images[val_idx]), data.train_labels[val_idx].numpy(),
             probs(data.test_images), data.test_labels.numpy())
