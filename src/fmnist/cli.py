@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Modules that add subcommands of their own (serve, calibrate, ood-eval, report, compare, bench).
-COMMAND_MODULES: list[str] = ["fmnist.report", "fmnist.serve.cli", "fmnist.trust_cli"]
+# Modules that add subcommands of their own (serve, calibrate, ood-eval, report, compare, bench, tune).
+COMMAND_MODULES: list[str] = ["fmnist.report", "fmnist.serve.cli", "fmnist.trust_cli", "fmnist.tune"]
 
 
 def main(argv=None) -> int:
