@@ -231,8 +231,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def expand_runs(paths) -> list[Path]:
+    """Run folders, with a study folder of `fmnist tune` standing for its finished trials (never a trial a worker
+    left half-written: only those whose tune_trial.json, written once the study recorded them, says COMPLETE)."""
+    runs = []
+    for p in map(Path, paths):
+        markers = sorted(p.glob("trial-*/tune_trial.json")) if p.is_dir() and not (p / "model.json").exists() else []
+        if not markers:
+            runs.append(p)
+            continue
+        runs += [m.parent for m in markers if read_json(m).get("state") == "COMPLETE"]
+    return runs
+
+
 def cmd_compare(args) -> int:
-    rows = [run_row(r) for r in args.runs]
+    rows = [run_row(r) for r in expand_runs(args.runs)]
     print(format_compare(rows))
     if args.html:
         Path(args.html).write_text(compare_html(rows), encoding="utf-8")
@@ -266,10 +279,10 @@ def register(sub, formatter_class) -> None:
 
     p = sub.add_parser("compare", help="a table of runs: model, size, recipe, accuracy, training time",
                        formatter_class=formatter_class)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or study folders of `fmnist tune`")
     p.add_argument("--html", default="compare.html", metavar="FILE",
                    help="also write the table as an HTML page here; '' = terminal only")
     p.set_defaults(func=cmd_compare)
 
 
-__all__ = ["build_report", "calibration_bins", "compare_html", "format_compare", "register", "run_row"]
+__all__ = ["build_report", "calibration_bins", "compare_html", "expand_runs", "format_compare", "register", "run_row"]
