@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up fmnist on a fresh machine: system packages (Debian, when run as root), a virtual environment in .venv,
-# PyTorch 2.13.0 (CPU build) and the package itself. `--dev` adds what the tests need (headless Chromium, test tools).
+# PyTorch 2.13.0 (CPU build) and the package itself. `--dev` adds what the tests need (headless Chromium, PostgreSQL,
+# test tools, Optuna).
 # Safe to run again: every step is idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,8 @@ PY=${PYTHON:-python3}
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     pkgs="dataset-fashion-mnist"
-    [ "$DEV" = 1 ] && pkgs="$pkgs chromium chromium-driver fonts-dejavu-core fonts-liberation"
+    # postgresql: the tests of `fmnist tune` start a throwaway cluster with its initdb and pg_ctl
+    [ "$DEV" = 1 ] && pkgs="$pkgs chromium chromium-driver fonts-dejavu-core fonts-liberation postgresql"
     missing=""
     for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
     if [ -n "$missing" ]; then
@@ -29,6 +31,6 @@ PIP=".venv/bin/python -m pip"
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
     || $PIP install -q "torch==2.13.0"
 extras="serve,report"
-[ "$DEV" = 1 ] && extras="$extras,ood,export,test"
+[ "$DEV" = 1 ] && extras="$extras,ood,export,test,tune,postgres"
 $PIP install -q -e ".[$extras]"
 echo "setup: ready ($(.venv/bin/python -c 'import torch, fmnist; print("fmnist", fmnist.__version__, "torch", torch.__version__)'))"

@@ -9,13 +9,14 @@ import argparse
 import os
 import sys
 
-from fmnist import export
+from fmnist import export, tune
 from fmnist.cli import evaluate, report, train, trust
 from fmnist.serve import cli as serve
 
 # Every subcommand, in the order `fmnist --help` lists them; each module adds its parsers with
 # set_defaults(func=...) and keeps its heavy imports inside those functions.
-COMMANDS = (train.register, evaluate.register, trust.register, report.register, export.register, serve.register)
+COMMANDS = (train.register, evaluate.register, trust.register, report.register, tune.register, export.register,
+            serve.register)
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -25,9 +25,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from fmnist.report.compare import compare_html, format_compare, run_row
+    from fmnist.report.compare import compare_html, expand_runs, format_compare, run_row
 
-    rows = [run_row(r) for r in args.runs]
+    rows = [run_row(r) for r in expand_runs(args.runs)]
     print(format_compare(rows))
     if args.html:
         Path(args.html).write_text(compare_html(rows), encoding="utf-8")
@@ -50,7 +50,7 @@ def register(sub, formatter_class) -> None:
 
     p = sub.add_parser("compare", help="a table of runs: model, size, recipe, accuracy, training time",
                        formatter_class=formatter_class)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or study folders of `fmnist tune`")
     p.add_argument("--html", default="compare.html", metavar="FILE",
                    help="also write the table as an HTML page here; '' = terminal only")
     p.set_defaults(func=cmd_compare)

@@ -2,8 +2,23 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from fmnist.run import Run
+from fmnist.runfiles import read_json
+
+
+def expand_runs(paths) -> list[Path]:
+    """Run folders, with a study folder of `fmnist tune` standing for its finished trials (never a trial a worker
+    left half-written: only those whose tune_trial.json, written once the study recorded them, says COMPLETE)."""
+    runs = []
+    for p in map(Path, paths):
+        markers = sorted(p.glob("trial-*/tune_trial.json")) if p.is_dir() and not (p / "model.json").exists() else []
+        if not markers:
+            runs.append(p)
+            continue
+        runs += [m.parent for m in markers if read_json(m).get("state") == "COMPLETE"]
+    return runs
 
 
 def run_row(run_dir) -> dict:
