@@ -6,7 +6,8 @@ then per epoch :func:`train_epoch` (the steps, under a :class:`~fmnist.budget.Ti
 :func:`validate_and_keep` (the one forward pass on the validation split; the kept epoch's model written),
 a resume state written atomically after each epoch (:func:`save_resume` / :func:`load_resume`), and after the
 loop the trust fit, for which the budget kept a reserve. :class:`Context` says which process this is:
-only the main process (rank 0) writes.
+only the main process (rank 0) validates and writes; under ``torchrun`` several processes train one model
+through the hooks of :mod:`fmnist.distributed`, which do nothing in one process.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fmnist import CLASS_NAMES, runtime
+from fmnist import CLASS_NAMES, distributed, runtime
 from fmnist.augment import augment_batch, parse_augment
 from fmnist.budget import TimeBudget
 from fmnist.checkpoint import load_state, read_json, save_state, write_json
+from fmnist.distributed import ONE_PROCESS, Context
 from fmnist.models import count_parameters, create_model
 from fmnist.preprocess import make_spec, preprocess
 from fmnist.recipes import (
@@ -38,18 +40,7 @@ from fmnist.recipes import (
 )
 from fmnist.run import created_now, save_model
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "TrainConfig", "resolve_config", "train"]
-
-
-@dataclass(frozen=True)
-class Context:
-    """Where this process sits in a run: one process, or one rank of several. Only the main process writes."""
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+__all__ = ["DEFAULT_PRESET", "PRESETS", "Context", "TrainConfig", "resolve_config", "train"]
 
 
 @dataclass
@@ -73,6 +64,7 @@ class State:
     best: dict = field(default_factory=lambda: {"epoch": 0, "value": None})
     epoch: int = 0
     step: int = 0
+    wrapped: torch.nn.Module | None = None  # the DistributedDataParallel wrapper, across processes
 
     def eval_model(self) -> torch.nn.Module:
         return self.ema.model if self.ema is not None else self.model
@@ -87,7 +79,7 @@ class Job:
     precision: str
     out: Path
     data_info: dict
-    ctx: Context = Context()
+    ctx: Context = ONE_PROCESS
 
 
 class EMA:
@@ -165,51 +157,55 @@ def build(cfg: TrainConfig, device) -> State:
     return State(model, opt, ema, torch.Generator().manual_seed(cfg.seed + 1))
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Full batches, plus the remainder as a last batch when it holds at least 2 images (BatchNorm needs 2)."""
-    return max(1, n // batch_size + (1 if n % batch_size >= 2 else 0))
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Full batches, plus the remainder as a last batch when each process's share of it holds at least
+    2 images (BatchNorm needs 2)."""
+    return max(1, n // batch_size + (1 if n % batch_size // world_size >= 2 else 0))
 
 
 def train_epoch(job: Job, st: State, progress_bar, max_steps: int = 0) -> tuple[dict, bool]:
     """One pass over the shuffled training set; returns (train loss/accuracy and last lr, whether to stop)."""
-    cfg, d, budget = job.cfg, job.d, job.budget
+    cfg, d, budget, ctx = job.cfg, job.d, job.budget, job.ctx
     device = d.x_train.device
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     aug_ops = parse_augment(cfg.augment)
-    n, per_epoch = len(d.x_train), steps_per_epoch(len(d.x_train), cfg.batch_size)
+    n, per_epoch = len(d.x_train), steps_per_epoch(len(d.x_train), cfg.batch_size, ctx.world_size)
     total_steps = cfg.epochs * per_epoch
     st.model.train()
-    perm = torch.randperm(n, generator=st.gen).to(device)
+    perm = torch.randperm(n, generator=st.gen).to(device)  # the same on every rank: one shuffled order
+    aug_gen = st.gen if ctx.world_size == 1 else distributed.reseed(cfg.seed, ctx, st.epoch)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, stop, lr = 0, False, cfg.lr
     for b in range(per_epoch):
         t_step = time.monotonic()
-        idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        idx = distributed.share(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size], ctx)
         xb, yb = d.x_train[idx], d.y_train[idx]
         if aug_ops:
-            xb = augment_batch(xb, aug_ops, st.gen, d.spec)
+            xb = augment_batch(xb, aug_ops, aug_gen, d.spec)
         xb = xb.contiguous(memory_format=memory_format)
         # The step about to run counts as done, so the first step of a warm-up does not run at lr 0.
-        lr = lr_at(cfg, budget.progress() if budget.seconds else (st.step + 1) / total_steps)
+        # On a clock, rank 0's reading: every rank must step with the same learning rate.
+        lr = lr_at(cfg, distributed.agree(ctx, budget.progress()) if budget.seconds else (st.step + 1) / total_steps)
         logits, loss = _step(st, cfg, xb, yb, lr, device, job.precision)
         budget.note_step(time.monotonic() - t_step, len(yb))
         loss_sum += loss.detach() * len(yb)
         correct += (logits.detach().argmax(1) == yb).sum()
         seen += len(yb)
         progress_bar.update(f"epoch {st.epoch + 1} step {b + 1}/{per_epoch} loss {loss.item():.4f} lr {lr:.2e}")
-        if budget.spent() or (max_steps and st.step >= max_steps):
+        if (budget.seconds and distributed.agree(ctx, budget.spent())) or (max_steps and st.step >= max_steps):
             stop = True  # the budget is spent (the schedule has reached 0) or the dry run is done
             break
     progress_bar.clear()
-    return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": float(correct) / max(seen, 1), "lr": lr}, stop
+    loss_total, correct_total, seen = distributed.sum_over_ranks(ctx, [float(loss_sum), float(correct), seen])
+    return {"train_loss": loss_total / max(seen, 1), "train_acc": correct_total / max(seen, 1), "lr": lr}, stop
 
 
 def _step(st: State, cfg: TrainConfig, xb, yb, lr: float, device, precision: str):
     for group in st.opt.param_groups:
         group["lr"] = lr
     with runtime.autocast(device, precision):
-        logits = st.model(xb)
+        logits = (st.wrapped if st.wrapped is not None else st.model)(xb)
         loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
     st.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -271,13 +267,14 @@ def load_resume(out: Path, st: State) -> float:
 
 
 def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, resume: str | Path | None = None,
-          on_epoch_end=None, quiet: bool = False, max_steps: int = 0, ctx: Context = Context()) -> dict:
+          on_epoch_end=None, quiet: bool = False, max_steps: int = 0, ctx: Context = ONE_PROCESS) -> dict:
     """Train and write a run folder; returns a summary dict.
 
     ``data`` is a FashionMNIST (tests pass their own); ``resume`` continues the run in that folder from its
     last finished epoch (``cfg`` is then read from its config.json); ``max_steps`` > 0 stops after that many
     steps (--dry-run); ``on_epoch_end(epoch, row)`` is called after each epoch's files are written and may
-    return True to stop.
+    return True to stop. ``ctx`` is this process's place in a data-parallel run (:func:`fmnist.distributed.session`);
+    ``on_epoch_end`` is then called on rank 0 only, and the summary returned is complete on rank 0 only.
     """
     from fmnist.data import load_fashion_mnist
 
@@ -286,12 +283,14 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     if resume is not None:
         cfg = TrainConfig(**read_json(out / "config.json"))
     validate(cfg)
-    device = runtime.setup(cfg.threads or None, cfg.device)
+    distributed.check(cfg.batch_size, ctx)
+    device = distributed.place(runtime.setup(cfg.threads or distributed.default_threads(ctx), cfg.device), ctx)
     precision = runtime.resolve_precision(cfg.precision, device, cfg.batch_size)
     data = data if data is not None else load_fashion_mnist(cfg.data_dir)
     d = prepare_data(cfg, data, device)
     st = build(cfg, device)
     elapsed_before = load_resume(out, st) if resume is not None else 0.0
+    st.wrapped = distributed.wrap(st.model, ctx, device)
     say = _start_run(cfg, out, st, d, device, precision, ctx, quiet, resumed=resume is not None)
     from fmnist.trust.fit import cost_seconds
 
@@ -321,33 +320,43 @@ def _start_run(cfg, out: Path, st: State, d: Data, device, precision: str, ctx: 
     else:
         say(f"run {out}: model {cfg.model} ({count_parameters(st.model):,} parameters), {len(d.x_train):,} train / "
             f"{len(d.x_val):,} val images, {device} {precision}, {torch.get_num_threads()} threads"
+            + (f" x {ctx.world_size} processes" if ctx.world_size > 1 else "")
             + (f", time budget {cfg.time_budget:.0f} s" if cfg.time_budget else f", {cfg.epochs} epochs"))
     return say
 
 
 def _loop(job: Job, st: State, say, on_epoch_end, quiet: bool, max_steps: int) -> None:
-    """Epochs until the budget, the epoch count, early stopping or the caller says stop."""
+    """Epochs until the budget, the epoch count, early stopping or the caller says stop (rank 0 decides)."""
     cfg = job.cfg
-    progress_bar = Progress(None if not quiet else False)
-    start_epoch, stop = st.epoch, False
+    progress_bar = Progress(None if not quiet and job.ctx.is_main else False)
     max_epochs = 10**9 if cfg.time_budget else cfg.epochs
+    stop = False
     while st.epoch < max_epochs and not stop:
-        if st.epoch > start_epoch and job.budget.spent():
-            break  # the last validation used up the budget: another epoch would be one step and a validation
         t_epoch = time.monotonic()
         train_row, stop = train_epoch(job, st, progress_bar, max_steps)
         st.epoch += 1
-        row, improved = validate_and_keep(job, st, train_row, t_epoch)
-        st.history.append(row)
-        say(_epoch_line(cfg, row, improved))
+        distributed.average_buffers(job.ctx, st.model, st.ema.model if st.ema is not None else None)
         if job.ctx.is_main:
-            _write_history(job.out / "history.csv", st.history)
-            save_resume(job.out, st, job.budget.elapsed())
-        if cfg.patience and st.epoch - st.best["epoch"] >= cfg.patience:
-            say(f"early stop: no improvement of {cfg.select} for {cfg.patience} epochs")
-            stop = True
-        if on_epoch_end is not None and on_epoch_end(st.epoch, row):
-            stop = True  # the caller asked to stop (e.g. a benchmark that reached its target)
+            stop = _end_epoch(job, st, train_row, t_epoch, say, on_epoch_end) or stop
+            # The last validation used up the budget: another epoch would be one step and a validation.
+            stop = stop or job.budget.spent()
+        stop = bool(distributed.agree(job.ctx, stop))
+
+
+def _end_epoch(job: Job, st: State, train_row: dict, t_epoch: float, say, on_epoch_end) -> bool:
+    """Validate, log and write the epoch (main process); return whether early stopping or the caller stops."""
+    cfg, stop = job.cfg, False
+    row, improved = validate_and_keep(job, st, train_row, t_epoch)
+    st.history.append(row)
+    say(_epoch_line(cfg, row, improved))
+    _write_history(job.out / "history.csv", st.history)
+    save_resume(job.out, st, job.budget.elapsed())
+    if cfg.patience and st.epoch - st.best["epoch"] >= cfg.patience:
+        say(f"early stop: no improvement of {cfg.select} for {cfg.patience} epochs")
+        stop = True
+    if on_epoch_end is not None and on_epoch_end(st.epoch, row):
+        stop = True  # the caller asked to stop (e.g. a benchmark that reached its target)
+    return stop
 
 
 def _epoch_line(cfg: TrainConfig, row: dict, improved: bool) -> str:
@@ -363,7 +372,7 @@ def _finish(job: Job, st: State, data, device, say, t_start: float) -> dict:
     cfg, out, best = job.cfg, job.out, st.best
     train_seconds = job.budget.elapsed()
     summary = {"run": str(out), "best_epoch": best["epoch"], "epochs": st.epoch, "train_seconds": train_seconds,
-               "wall_seconds": time.monotonic() - t_start,
+               "wall_seconds": time.monotonic() - t_start, "world_size": job.ctx.world_size,
                "best": st.history[best["epoch"] - 1] if best["epoch"] else None}
     kept = f"{cfg.select} {best['value']:.4f}" if best["value"] is not None else "no validation set"
     say(f"kept epoch {best['epoch']} ({kept}); training took {train_seconds:.1f} s; model in {out}/model.safetensors")

@@ -73,7 +73,9 @@ def register(sub, formatter_class) -> None:
 
 
 def cmd_train(args) -> int:
+    """Train in this process, or as one rank of a data-parallel run when started by torchrun."""
     from fmnist.data import load_fashion_mnist
+    from fmnist.distributed import session
     from fmnist.train import resolve_config, train
 
     if args.resume:
@@ -81,7 +83,8 @@ def cmd_train(args) -> int:
 
         saved = read_json(Path(args.resume) / "config.json")
         data = load_fashion_mnist(args.data_dir or saved.get("data_dir"), verify=not args.no_verify)
-        train(None, data=data, resume=args.resume)
+        with session(saved.get("device", "auto")) as ctx:
+            train(None, data=data, resume=args.resume, ctx=ctx)
         return 0
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
     overrides = {k: getattr(args, k) for k in fields}
@@ -93,12 +96,16 @@ def cmd_train(args) -> int:
                                   val_size=min(cfg.val_size, 512) if cfg.val_size else 0)
         tmp = Path(tempfile.mkdtemp(prefix="fmnist-dry-run-"))
         try:
-            summary = train(cfg, out=tmp / "run", data=data, max_steps=2)
+            with session(cfg.device) as ctx:
+                summary = train(cfg, out=tmp / "run", data=data, max_steps=2, ctx=ctx)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        print(f"dry run ok: {cfg.model}, 2 steps, val acc {100 * summary['best']['val_acc']:.1f} %; nothing written")
+        if ctx.is_main:
+            print(f"dry run ok: {cfg.model}, 2 steps, val acc {100 * summary['best']['val_acc']:.1f} %; "
+                  "nothing written")
         return 0
-    train(cfg, out=args.out, data=data)
+    with session(cfg.device) as ctx:
+        train(cfg, out=args.out, data=data, ctx=ctx)
     return 0
 
 
