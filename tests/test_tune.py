@@ -341,8 +341,8 @@ def test_two_workers_share_a_study_on_postgres(postgres_url, tiny, tmp_path):
     study = optuna.load_study(study_name="pg2", storage=storage)
     assert states(study) == {"COMPLETE": 4}
     assert sorted(t.params["lr"] for t in study.trials) == sorted(SEED_A_LRS)
-    assert all(sum(line.startswith("trial ") and " complete:" in line for line in out.splitlines()) >= 1
-               for out in outputs), outputs  # both workers ran trials
+    # (Which worker ran how many trials depends on the machine's load: a busy one may start the second worker
+    # after the first has taken every point. What must hold either way: each point ran once, none twice.)
     assert len(expand_runs([tmp_path / "tune" / "pg2"])) == 4
 
 
