@@ -91,7 +91,7 @@ def run_probs(run_dir: Path, data_dir, verify: bool, threads: int):
     from fmnist import runtime
     from fmnist.data import load_fashion_mnist
     from fmnist.evaluate import run_logits
-    from fmnist.predict import softmax
+    from fmnist.forward import probabilities
     from fmnist.run import Run
 
     device = runtime.setup(threads or None, "cpu")
@@ -106,7 +106,7 @@ def run_probs(run_dir: Path, data_dir, verify: bool, threads: int):
     backend = run.backend("torch", device)
 
     def probs(images):
-        return softmax(run_logits(backend, run, images).numpy().astype(np.float64) / run.temperature)
+        return probabilities(run_logits(backend, run, images).numpy(), run.temperature)
 
     return (probs(data.train_images[val_idx]), data.train_labels[val_idx].numpy(),
             probs(data.test_images), data.test_labels.numpy())

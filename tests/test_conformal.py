@@ -243,7 +243,9 @@ def test_nan_scores_are_refused():
 
 
 def test_verdict_rejects_a_bad_threshold_or_mask():
-    for threshold in (float("nan"), -0.1, 1.5, True):
+    # a threshold above 1 is a legitimate "never sure": everything is hedged, nothing refused for it
+    assert C.verdict(False, False, CONFIDENT, 1.01)[0] == "uncertain"
+    for threshold in (float("nan"), True, "0.6", None):
         with pytest.raises(ValueError, match="threshold"):
             C.verdict(False, False, CONFIDENT, threshold)
     with pytest.raises(ValueError, match="classes"):

@@ -84,3 +84,10 @@ def forward(backend: Backend, x, tta: bool = False, batch_size: int = BATCH_SIZE
         f, lg = backend.run(np.zeros((1, 1, 28, 28), np.float32))
         return np.zeros((0, f.shape[1]), np.float32), np.zeros((0, lg.shape[1]), np.float32)
     return np.concatenate(feats), np.concatenate(logits)
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities (float64) of logits divided by a temperature: softmax(logits / T)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)

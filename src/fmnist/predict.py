@@ -2,11 +2,16 @@
 
 ``fmnist.load(run_dir).predict(image)`` returns one plain dict per image::
 
-    {"label", "class_id", "score", "accepted", "reason", "ood_score", "top_k": [{"label", "score"}, ...]}
+    {"label", "class_id", "score", "accepted", "reason", "verdict", "candidates", "ood_score",
+     "top_k": [{"label", "score"}, ...]}
 
-``label``/``score`` are the best guess even when ``accepted`` is false; ``reason`` says why an answer is refused:
-"blank", "out_of_distribution" (``ood_score`` above the run's OOD threshold: not a garment as the data set
-shows them) or "low_confidence". Scores are calibrated probabilities when the run holds a temperature;
+``verdict`` is ``answer`` (one label, calibrated confidence at or above the threshold: ``accepted`` is true),
+``uncertain`` (below it: ``candidates``, the labels of a conformal candidate set, e.g. Shirt or T-shirt/top) or
+``refused`` (blank, or not a garment). ``label``/``score`` are the best guess whatever the verdict; ``reason``
+says why there is no single answer: "blank", "out_of_distribution" (``ood_score`` above the run's OOD threshold:
+not a garment as the data set shows them), "invalid_scores" or "low_confidence". ``candidates`` is None for
+refusals and for runs fitted before candidate sets existed. Scores are calibrated probabilities when the run
+holds a temperature;
 ``ood_score`` is None for a run without an OOD detector (see :mod:`fmnist.trust.ood`; `fmnist calibrate RUN` adds one).
 """
 from __future__ import annotations
@@ -16,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fmnist.forward import forward
+from fmnist.forward import forward, probabilities
 from fmnist.images import decode_image
 from fmnist.preprocess import is_blank, preprocess_array, to_dataset_format
 from fmnist.run import Run
+from fmnist.trust import conformal
 from fmnist.trust.ood import pixels01
 
 
@@ -98,7 +104,7 @@ class Predictor:
         if not len(images28):
             return Analysis(np.empty((0, len(self.class_names))), None)
         feats, logits = forward(self.backend, preprocess_array(images28, self.run.spec), tta=self.run.tta)
-        probs = softmax(logits.astype(np.float64) / self.run.temperature)
+        probs = probabilities(logits, self.run.temperature)
         if self.detector is None:
             return Analysis(probs, None)
         std = self.detector.standardised(feats, pixels01(images28), logits)
@@ -113,43 +119,42 @@ class Predictor:
             return []
         batch = np.stack(images)
         analysis = self.analyse(batch)
-        probs, ood = analysis.probs, analysis.ood
-        ood = [None] * len(batch) if ood is None else ood.tolist()
+        probs = analysis.probs
+        ood = [None] * len(batch) if analysis.ood is None else analysis.ood.tolist()
+        masks = (conformal.candidate_sets(probs, self.run.conformal) if self.run.conformal is not None
+                 else [None] * len(batch))
         # Top classes of the whole batch at once, as plain Python numbers (per-row calls cost more).
         ids = np.argsort(-probs, axis=1, kind="stable")[:, :self.top_k]
         scores = np.take_along_axis(probs, ids, axis=1)
-        return [self._result(img, s, i, o, return_image)
-                for img, s, i, o in zip(batch, scores.tolist(), ids.tolist(), ood)]
+        return [self._result(img, p, s, i, o, m, return_image)
+                for img, p, s, i, o, m in zip(batch, probs, scores.tolist(), ids.tolist(), ood, masks)]
 
-    def reason(self, img: np.ndarray, score: float, ood_score: float | None) -> str | None:
-        """Why an answer is refused (None: accepted). Order: nothing to see, not a garment, not sure which."""
-        if is_blank(img):
-            return "blank"
-        # Written as "not (within the limit)" so that a NaN score is a refusal, never a pass.
-        if ood_score is not None and not ood_score <= self.ood_threshold:
-            return "out_of_distribution"
-        if not score >= self.confidence_threshold:
-            return "low_confidence"
-        return None
+    def judge(self, img: np.ndarray, probs_row: np.ndarray, ood_score: float | None, mask=None):
+        """(verdict, reason, candidate class ids) of one image: refused (blank, not a garment, unusable
+        scores), answer (confident) or uncertain (a candidate set); see :func:`fmnist.trust.conformal.verdict`."""
+        return conformal.verdict(is_blank(img), conformal.is_ood(ood_score, self.ood_threshold), probs_row,
+                                 self.confidence_threshold, mask)
 
-    def _result(self, img: np.ndarray, scores: list[float], ids: list[int], ood_score: float | None,
-                return_image: bool) -> dict:
-        best, score = ids[0], scores[0]
-        reason = self.reason(img, score, ood_score)
+    def reason(self, img: np.ndarray, probs_row: np.ndarray, ood_score: float | None) -> str | None:
+        """Why an answer is refused or hedged (None: answered)."""
+        return self.judge(img, probs_row, ood_score)[1]
+
+    def _result(self, img: np.ndarray, probs_row, scores: list[float], ids: list[int], ood_score: float | None,
+                mask, return_image: bool) -> dict:
+        verdict, reason, candidates = self.judge(img, probs_row, ood_score, mask)
         out = {
-            "label": self.class_names[best],
-            "class_id": best,
-            "score": score,
-            "accepted": reason is None,
+            "label": self.class_names[ids[0]],
+            "class_id": ids[0],
+            "score": scores[0],
+            "accepted": verdict == "answer",
             "reason": reason,
+            "verdict": verdict,
+            # None for a run fitted before candidate sets existed, and for refusals
+            "candidates": None if candidates is None else [
+                {"label": self.class_names[c], "score": float(probs_row[c])} for c in candidates],
             "ood_score": ood_score,
             "top_k": [{"label": self.class_names[i], "score": s} for s, i in zip(scores, ids)],
         }
         if return_image:
             out["image"] = img
         return out
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)

@@ -61,6 +61,14 @@ class Run:
         self.best_epoch = meta.get("best_epoch")
         self.select: str = meta.get("select", "")
         self.parameters = meta.get("parameters")
+        self.conformal: dict | None = None  # candidate-set parameters (fmnist.trust.conformal), if fitted
+        if meta.get("conformal"):
+            from fmnist.trust.conformal import validate_params
+
+            try:
+                self.conformal = validate_params(meta["conformal"])
+            except ValueError as e:
+                raise CheckpointError(f"{where}: {e}") from None
         self.detector = None
 
     # --- loading -------------------------------------------------------------------------------------------
@@ -146,6 +154,8 @@ class Run:
         if "calibration" in sections:
             self.calibration = sections["calibration"]
             self.temperature = float(self.calibration["temperature"])
+        if "conformal" in sections:
+            self.conformal = sections["conformal"]
 
 
 def _check_meta(meta, where: Path) -> None:
@@ -172,7 +182,7 @@ def _check_meta(meta, where: Path) -> None:
                               f"got {spec.get('size')!r}")
     _finite(spec.get("mean"), "preprocessing.mean", where, 0.0, 1.0)
     _finite(spec.get("std"), "preprocessing.std", where, 0.0, 1.0, open_low=True)
-    for key in ("calibration", "ood", "thresholds", "metrics", "recipe"):
+    for key in ("calibration", "ood", "conformal", "thresholds", "metrics", "recipe"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise CheckpointError(f"{where}: {key} must be an object")
 

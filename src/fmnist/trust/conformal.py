@@ -321,8 +321,9 @@ def verdict(blank: bool, ood: bool, probs_row, threshold: float, candidates=None
     run without conformal parameters: the verdict is then the same and the candidates are None. Served
     candidates are never smaller than the conformal set, so their coverage is at least the fitted one.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
-        raise ValueError(f"the confidence threshold must be a number in [0, 1], got {threshold!r}")
+    # Any real number: above 1 nothing is confident enough (every answer is hedged), 0 or below everything is.
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+        raise ValueError(f"the confidence threshold must be a number, got {threshold!r}")
     p = np.asarray(probs_row, dtype=np.float64).reshape(-1)
     if blank:
         return "refused", "blank", None

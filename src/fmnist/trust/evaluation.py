@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from fmnist.trust import eval_sets
+from fmnist.trust.conformal import VERDICTS
 from fmnist.trust.metrics import auroc, fpr_at_tpr
 
 
@@ -14,9 +15,9 @@ def score(predictor, items) -> dict:
     """What ood-eval needs of images sent to the Predictor: OOD scores (total and per part), reasons, classes."""
     imgs = np.stack([predictor.to_image28(it) for it in items])
     analysis = predictor.analyse(imgs, parts=True)
-    conf = analysis.probs.max(1)
-    reasons = [predictor.reason(im, float(c), float(s)) for im, c, s in zip(imgs, conf, analysis.ood)]
-    return {"ood": analysis.ood, "reasons": reasons, "pred": analysis.probs.argmax(1),
+    judged = [predictor.judge(im, p, float(s)) for im, p, s in zip(imgs, analysis.probs, analysis.ood)]
+    return {"ood": analysis.ood, "reasons": [r for _, r, _ in judged], "verdicts": [v for v, _, _ in judged],
+            "pred": analysis.probs.argmax(1),
             "parts": {k: np.asarray(v) for k, v in analysis.parts.items()}}
 
 
@@ -41,15 +42,22 @@ def evaluate_sets(predictor, data, names, n: int, seed: int) -> tuple[dict, set]
     return report(predictor, genuine, rows, data.test_labels.numpy()), missing
 
 
+def verdict_shares(verdicts) -> dict:
+    """Share of each verdict (answer, uncertain, refused) among a set's images."""
+    v = np.asarray(verdicts)
+    return {name: float(np.mean(v == name)) for name in VERDICTS}
+
+
 def row(genuine: dict, s: dict, predictor, ood: bool) -> dict:
     g, o = torch.from_numpy(genuine["ood"]), torch.from_numpy(s["ood"])
     out = {
         "n": len(s["ood"]),
         "auroc": auroc(g, o),
         "fpr_at_95_tpr": fpr_at_tpr(g, o, 0.95),
-        "rejected_ood": float(np.mean(s["ood"] > predictor.ood_threshold)),
+        "rejected_ood": float(np.mean(~(s["ood"] <= predictor.ood_threshold))),  # NaN counts as rejected
         "rejected_any": float(np.mean([r is not None for r in s["reasons"]])),
         "reasons": {r or "accepted": int(sum(x == r for x in s["reasons"])) for r in set(s["reasons"])},
+        "verdicts": verdict_shares(s["verdicts"]),
         "kind": "ood" if ood else "genuine",
     }
     out["auroc_by_part"] = {k: auroc(torch.from_numpy(genuine["parts"][k]), torch.from_numpy(v))
@@ -72,6 +80,7 @@ def report(predictor, genuine: dict, rows: dict, labels: np.ndarray) -> dict:
             "accuracy": float(genuine["correct"].mean()),
             "accuracy_accepted": float(genuine["correct"][accepted].mean()) if accepted.any() else None,
             "accepted_by_class": per_class,
+            "verdicts": verdict_shares(genuine["verdicts"]),
         },
         "sets": rows,
         "unseen": [n for n in eval_sets.UNSEEN if n in rows],
@@ -88,12 +97,14 @@ def format_ood_table(report: dict, by_part: bool = False) -> str:
          f"(on accepted images {100 * (t['accuracy_accepted'] or 0):.2f} %)"),
         "accepted per class: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in t["accepted_by_class"].items()),
         "",
-        f"{'set':<18}{'n':>6}{'AUROC':>9}{'FPR@95%TPR':>12}{'rejected: OOD':>15}{'any reason':>12}",
+        f"{'set':<18}{'n':>6}{'AUROC':>9}{'FPR@95%TPR':>12}{'rejected: OOD':>15}{'any reason':>12}"
+        f"{'answer':>9}{'uncertain':>11}{'refused':>9}",
     ]
     for name, r in report["sets"].items():
         mark = " *" if name in report["unseen"] else ("  (genuine)" if r["kind"] == "genuine" else "")
         lines.append(f"{name:<18}{r['n']:>6}{r['auroc']:>9.4f}{100 * r['fpr_at_95_tpr']:>11.1f}%"
-                     f"{100 * r['rejected_ood']:>14.1f}%{100 * r['rejected_any']:>11.1f}%{mark}")
+                     f"{100 * r['rejected_ood']:>14.1f}%{100 * r['rejected_any']:>11.1f}%"
+                     + "".join(f"{100 * r['verdicts'][v]:>{w}.1f}%" for v, w in zip(VERDICTS, (8, 10, 8))) + mark)
     if "whole_photo" in report["sets"].get("animal", {}):
         cat = report["sets"]["animal"]["whole_photo"]
         lines.append(f"the whole cat photo: {'accepted' if cat['reason'] is None else 'refused, ' + cat['reason']} "
@@ -101,7 +112,8 @@ def format_ood_table(report: dict, by_part: bool = False) -> str:
     lines += ["",
               ("AUROC: genuine test images vs the set, by OOD score. FPR@95%TPR: share of the set accepted when 95 % "
                "of test images are. rejected: at the run's threshold, by the OOD gate alone / for any reason "
-               "(blank, out_of_distribution, low_confidence). shop-photos: test garments re-drawn as product "
+               "(blank, out_of_distribution, low_confidence). answer / uncertain (a candidate set) / refused: the "
+               "verdicts. shop-photos: test garments re-drawn as product "
                "photos (should be accepted). * not used to choose the detector's scores (see the README).")]
     if by_part:
         parts = list(next(iter(report["sets"].values())).get("auroc_by_part", {}))

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from fmnist.forward import TorchBackend, forward
+from fmnist.forward import TorchBackend, forward, probabilities
 from fmnist.preprocess import preprocess
 from fmnist.run import Run
+from fmnist.trust import conformal
 from fmnist.trust.calibration import calibrate
+from fmnist.trust.conformal import DEFAULT_COVERAGE
 from fmnist.trust.ood import DEFAULT_PARTS, DEFAULT_TARGET, Detector, pixels01
 
 FIT_SIZE = 10_000  # training images that fit the OOD statistics (stratified sample): as good as 20,000, faster
@@ -53,8 +55,9 @@ def run_outputs(run: Run, backend, images: torch.Tensor):
 
 
 def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS,
-              fit_size: int = FIT_SIZE, device=None, seed: int = 0) -> dict:
-    """Fit temperature and OOD detector for the model in ``run_dir`` on its own split; return a summary."""
+              fit_size: int = FIT_SIZE, device=None, seed: int = 0, coverage: float = DEFAULT_COVERAGE) -> dict:
+    """Fit temperature, OOD detector and candidate sets (``coverage``) for the model in ``run_dir`` on its own
+    split; return a summary."""
     run = Run.load(run_dir, detector=False)
     train_idx, val_idx = run.split(data.train_labels)
     if len(val_idx) < 20:
@@ -71,8 +74,14 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
     calibration = calibrate(va_logits, va_labels)
     detector = Detector.fit(tr_feats, tr_labels, tr_pix, va_feats, va_pix, num_classes,
                             target_accept=target_accept, parts=parts, seed=seed, val_logits=va_logits)
-    run.update(calibration=calibration, ood=detector.save(run.path))
+    sets = None  # candidate sets, on the calibrated probabilities as served; too few images give no guarantee
+    if len(va_labels) >= conformal.min_calibration_size(coverage):
+        sets = conformal.fit(probabilities(va_logits.numpy(), calibration["temperature"]), va_labels.numpy(),
+                             coverage)
+    run.update(calibration=calibration, ood=detector.save(run.path), conformal=sets)
     return {
+        "coverage": [sets["coverage"], sets["val_coverage"]] if sets else None,
+        "mean_set_size": sets["val_mean_size"] if sets else None,
         "temperature": calibration["temperature"],
         "val_nll": [calibration["nll_before"], calibration["nll_after"]],
         "val_ece": [calibration["ece_before"], calibration["ece_after"]],
@@ -89,4 +98,6 @@ def describe(summary: dict) -> str:
     return (f"calibrated: temperature {summary['temperature']:.3f}, validation NLL {summary['val_nll'][0]:.4f} -> "
             f"{summary['val_nll'][1]:.4f}, ECE {100 * summary['val_ece'][0]:.2f} % -> "
             f"{100 * summary['val_ece'][1]:.2f} %; OOD detector ({', '.join(summary['ood_parts'])}) accepts "
-            f"{100 * summary['ood_val_accept']:.1f} % of validation images")
+            f"{100 * summary['ood_val_accept']:.1f} % of validation images"
+            + (f"; candidate sets for {100 * summary['coverage'][0]:.0f} % coverage: {summary['mean_set_size']:.2f} "
+               "labels on average" if summary["coverage"] else "; no candidate sets (validation split too small)"))

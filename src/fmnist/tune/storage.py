@@ -60,8 +60,12 @@ def open_storage(s):
                          "or leave it out for a journal file in the study folder")
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    lock = None
     try:
-        with warnings.catch_warnings():
+        # Workers started together on a fresh database would each create Optuna's tables, and all but one fail
+        # on PostgreSQL's catalogue ("duplicate key value ... pg_type"): one at a time.
+        lock = AdvisoryLock(s.storage, "(tables)")
+        with lock, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
             return RDBStorage(engine_url(s.storage),
                               engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
@@ -71,6 +75,9 @@ def open_storage(s):
         raise ValueError("--storage postgresql:// needs the PostgreSQL driver: pip install 'fmnist[postgres]'") from None
     except Exception as e:  # SQLAlchemy and the driver raise many kinds; all mean 'cannot use this database'
         raise ValueError(f"cannot use --storage {redact(s.storage)}: {_first_line(e)}") from None
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 class FileLock:
