@@ -105,6 +105,12 @@ def _sniff_unsupported(head: bytes) -> str | None:
     return None
 
 
+def _bomb(max_pixels: int) -> ImageTooLarge:
+    """Pillow's own bomb check fired (its message quotes Pillow's limit, not ours)."""
+    return ImageTooLarge(f"image is too large: more than {max_pixels:,} pixels (the limit); please upload a "
+                         "smaller image")
+
+
 def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLarge:
     return ImageTooLarge(
         f"image is too large: {width}x{height} = {width * height:,} pixels "
@@ -151,8 +157,8 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
                 im = Image.open(io.BytesIO(data), formats=_AVAILABLE_FORMATS)
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-                raise ImageTooLarge(f"image is too large (possible decompression bomb): {e}") from None
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise _bomb(max_pixels) from None
             except Image.UnidentifiedImageError:
                 other = _sniff_unsupported(data[:64])
                 if other:
@@ -175,8 +181,8 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)
                 im.load()  # force the full decode now: truncated/corrupt data must fail here
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-                raise ImageTooLarge(f"image is too large (possible decompression bomb): {e}") from None
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise _bomb(max_pixels) from None
             except MemoryError:
                 raise ImageTooLarge("image is too large to decode in memory") from None
             except Exception as e:  # noqa: BLE001
@@ -186,12 +192,12 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
                                  ) from None
 
             try:
-                out = ImageOps.exif_transpose(im)  # always a new image (a plain copy when no rotation)
+                ImageOps.exif_transpose(im, in_place=True)  # turns the pixels only when the EXIF says so
             except Exception:  # noqa: BLE001 - malformed EXIF must not reject an otherwise good image
-                out = None
-            if out is None:
-                out = im.copy()
-            out.load()
+                pass
+            # A plain image sharing the decoded pixels (Image.copy without the copy, which would double the
+            # memory of a large upload for a moment), detached from the parser; close() below leaves them.
+            out = im._new(im.im)
             out.format = im.format  # keep the detected format for callers that log it
             return out
     finally:
