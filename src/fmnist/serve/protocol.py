@@ -38,7 +38,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._timer = None
         self._awaiting_head = True  # between requests or inside a request's headers
         self._head_done = False  # a request's headers ended in the data being parsed
-        self._head_bytes = 0
+        self._head_bytes = self._raw_head_bytes = 0
         self._header_count = 0
         self._problem: tuple[int, str] | None = None
         super().connection_made(transport)
@@ -56,13 +56,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         counting, self._head_done = self._awaiting_head, False
         super().data_received(data)
-        # Bytes of unfinished headers, counted after parsing (a chunk that also ends them is not counted),
-        # so that at most the limit and one chunk are ever held.
+        # The parser holds a header line until it ends: count the raw bytes of unfinished headers too (a
+        # chunk that ends them is not counted), so that at most the limit and one chunk are ever held.
         if counting and self._awaiting_head and not self._head_done and not self.transport.is_closing():
-            self._head_bytes += len(data)
-            if self._head_bytes > self.settings.max_header_bytes:
-                self._refuse(431, f"request headers too large: the limit is {self.settings.max_header_bytes:,} "
-                                  "bytes for the request line and headers")
+            self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > self.settings.max_header_bytes:
+                self._refuse(*self._too_large())
+
+    def _too_large(self) -> tuple[int, str]:
+        return 431, (f"request headers too large: the limit is {self.settings.max_header_bytes:,} bytes for "
+                     "the request line and headers")
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.settings.max_header_bytes:
+            self._problem = self._too_large()
+            raise _TooManyHeaders  # the parser stops; uvicorn then calls send_400_response
 
     # --- parser callbacks --------------------------------------------------------------------------------
 
@@ -71,11 +80,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._timer is None:  # a keep-alive connection's next request: its headers are timed from here
             self._arm(self.settings.header_timeout, self._head_timed_out)
 
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > self.settings.max_headers:
             self._problem = (431, f"too many header fields: the limit is {self.settings.max_headers}")
-            raise _TooManyHeaders  # the parser stops; uvicorn then calls send_400_response
+            raise _TooManyHeaders
+        self._count(len(name) + len(value) + 4)  # "name: value\r\n"
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -85,7 +99,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
-        self._awaiting_head, self._head_bytes, self._header_count = True, 0, 0
+        self._awaiting_head, self._header_count = True, 0
+        self._head_bytes = self._raw_head_bytes = 0
         super().on_message_complete()
 
     # --- refusals ------------------------------------------------------------------------------------------
