@@ -244,3 +244,15 @@ def test_exif_rotated_jpeg():
     a = np.asarray(im.convert("L"), dtype=float)
     assert a[:8, -8:].mean() < 40 and a[:8, :8].mean() > 215  # the mark is now top-right
     assert im.getexif().get(0x0112) in (None, 1)  # not applied twice downstream
+
+
+def test_too_large_messages_quote_our_limit_not_pillows():
+    """Pillow's own bomb checks fire first for very large images; the message still names the caller's limit."""
+    limit = 1_000_000
+    for w, h in ((20000, 20000), (12000, 9000), (1001, 1000)):  # Pillow's error, Pillow's warning, ours
+        with pytest.raises(ImageTooLarge) as err:
+            decode_image(_png_bomb(w, h, rows=1), max_pixels=limit)
+        message = str(err.value)
+        assert "1,000,000" in message and str(Image.MAX_IMAGE_PIXELS) not in message, message
+        assert str(2 * Image.MAX_IMAGE_PIXELS) not in message
+

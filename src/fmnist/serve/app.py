@@ -76,6 +76,7 @@ ERRORS = {
     413: {"model": Error, "description": "body over the size limit, image over the pixel limit, or too many "
                                          "files"},
     415: {"model": Error, "description": "the request is not multipart/form-data"},
+    431: {"model": Error, "description": "request line and headers too large, or too many header fields"},
     422: {"model": Error, "description": "the 'file' field is missing"},
     500: {"model": Error, "description": "a fault of the server on this request (logged); other requests are "
                                          "not affected"},
