@@ -403,8 +403,19 @@ HEAD = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
 @pytest.fixture(scope="module")
 def strict_server(trained_run):
-    with _server(trained_run, header_timeout=0.5, body_timeout=0.5) as (url, app):
+    with _server(trained_run, header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=0.5) as (url, app):
         yield url
+
+
+def test_idle_keep_alive_connections_are_closed(strict_server):
+    with socket.create_connection(_address(strict_server), timeout=10) as s:
+        for _ in range(2):  # two requests on the connection, then silence
+            s.sendall(HEAD + b"\r\n")
+            answer = s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" not in answer.lower()
+        start = time.monotonic()
+        assert s.recv(65536) == b""  # closed by the server, well before the socket's own 10 s timeout
+        assert time.monotonic() - start < 8
 
 
 def test_a_connection_that_sends_nothing_is_closed(strict_server):
