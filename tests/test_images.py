@@ -256,3 +256,26 @@ def test_too_large_messages_quote_our_limit_not_pillows():
         assert "1,000,000" in message and str(Image.MAX_IMAGE_PIXELS) not in message, message
         assert str(2 * Image.MAX_IMAGE_PIXELS) not in message
 
+
+
+def _gif_of_many_frames(frames: int) -> bytes:
+    """A valid GIF of ``frames`` 1x1 frames, written by hand (about 20 bytes a frame)."""
+    head = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    frame = (b"\x21\xf9\x04\x00\x01\x00\x00\x00"  # graphic control: 10 ms
+             + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0)  # image descriptor, 1x1
+             + b"\x02\x02\x44\x01\x00")  # LZW code size 2, one sub-block (clear, pixel 0, end), terminator
+    return head + frame * frames + b"\x3b"
+
+
+def test_gif_with_many_frames_is_not_walked(monkeypatch):
+    """Only the first frame is read: counting frames (n_frames) would parse all 200,000 of them."""
+    from PIL import GifImagePlugin
+
+    data = _gif_of_many_frames(200_000)
+    assert len(data) < 5_000_000
+    seeks = []
+    real = GifImagePlugin.GifImageFile._seek
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_seek",
+                        lambda self, frame, update_image=True: seeks.append(frame) or real(self, frame, update_image))
+    im = decode_image(data)
+    assert im.size == (1, 1) and len(seeks) <= 2

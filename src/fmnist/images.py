@@ -178,7 +178,8 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
 
             try:
                 # First frame of animated GIF/WebP/APNG/multi-page TIFF (open() leaves us on it; be explicit).
-                if getattr(im, "n_frames", 1) > 1:
+                # Not n_frames: for GIF and TIFF it walks every frame, and a few MB can hold 300,000 of them.
+                if im.tell() != 0:
                     im.seek(0)
                 im.load()  # force the full decode now: truncated/corrupt data must fail here
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):

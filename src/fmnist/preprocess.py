@@ -153,14 +153,14 @@ def _looks_like_dataset(a: np.ndarray) -> bool:
 
 
 def _plain_uint8_28(image) -> np.ndarray | None:
-    """The pixels of a uint8 28x28 grey array, or of an ``L`` 28x28 single-frame PIL image without an EXIF
-    turn; None for anything else (which goes the long way, with the same result for these)."""
+    """The pixels of a uint8 28x28 grey array, or of an ``L`` 28x28 PIL image on its first frame without an
+    EXIF turn; None for anything else (which goes the long way, with the same result for these)."""
     if isinstance(image, np.ndarray):
         return image if image.dtype == np.uint8 and image.shape == (_SIZE, _SIZE) else None
     from PIL import Image
 
     if not (isinstance(image, Image.Image) and image.mode == "L" and image.size == (_SIZE, _SIZE)
-            and getattr(image, "n_frames", 1) == 1):
+            and image.tell() == 0):
         return None
     try:
         turned = image.getexif().get(0x0112, 1) != 1
@@ -179,7 +179,7 @@ def _planes(image) -> tuple[np.ndarray, np.ndarray | None]:
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        if getattr(image, "n_frames", 1) > 1 and image.tell() != 0:
+        if image.tell() != 0:  # the first frame (not n_frames: GIF and TIFF count theirs by walking them all)
             image.seek(0)
         image = _upright(image)
         mode = image.mode
