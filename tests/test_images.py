@@ -279,3 +279,21 @@ def test_gif_with_many_frames_is_not_walked(monkeypatch):
                         lambda self, frame, update_image=True: seeks.append(frame) or real(self, frame, update_image))
     im = decode_image(data)
     assert im.size == (1, 1) and len(seeks) <= 2
+
+
+def test_png_and_jpeg_with_endless_empty_parts_are_refused():
+    """A few MB of empty PNG chunks or JPEG markers, each parsed by Pillow in Python: refused before parsing."""
+    png = _encode(Image.new("L", (8, 8), 100), "PNG")
+    spam = _png_chunk(b"teXt", b"") * 600_000
+    jpeg = _encode(Image.new("L", (8, 8), 100), "JPEG")
+    for data in (png[:33] + spam + png[33:], png[:-12] + spam + png[-12:],
+                 jpeg[:2] + b"\xff\xfe\x00\x02" * 2_000_000 + jpeg[2:]):
+        with pytest.raises(ImageError, match="far more than any real image"):
+            decode_image(data)
+    # Real files are far below the limits: an animated PNG of 300 frames, a progressive JPEG with EXIF.
+    frames = [Image.new("L", (16, 16), v) for v in range(0, 300)]
+    apng = _encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=10)
+    assert decode_image(apng).size == (16, 16)
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 10_000
+    assert decode_image(_encode(_garment(), "JPEG", progressive=True, exif=exif.tobytes())).size == (60, 40)
