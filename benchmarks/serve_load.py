@@ -392,19 +392,23 @@ def main(argv=None) -> int:
             proc.terminate()
             proc.wait(timeout=20)
     result["url"] = url
-    if args.mixed:
-        peak = result.get("server_peak_rss_mb")
-        ok = (result["innocent_failures"] == 0 and result["hostile_server_errors"] == 0
-              and result["p99_ms"] <= GOAL_P99_MS and not result["stopped_early"]
-              and (peak is None or peak <= GOAL_PEAK_RSS_MB))
-        verdict = (f"goal: 0 innocent failures, 0 server errors on hostile uploads, p99 <= {GOAL_P99_MS:g} ms, "
-                   f"peak memory <= {GOAL_PEAK_RSS_MB} MB{'' if peak is not None else ' (not measured)'}: "
-                   f"{'met' if ok else 'MISSED'}")
-    else:
-        ok = result["errors"] == 0 and result["p99_ms"] <= GOAL_P99_MS and not result["stopped_early"]
-        verdict = f"goal: 0 errors and p99 <= {GOAL_P99_MS:g} ms: {'met' if ok else 'MISSED'}"
+    ok, verdict = goals(result, args.mixed)
     report(result, args.json, verdict)
     return 0 if ok or not args.check else 1
+
+
+def goals(result: dict, mixed: bool) -> tuple[bool, str]:
+    """Whether the load test met its goals, and a line saying so."""
+    if not mixed:
+        ok = result["errors"] == 0 and result["p99_ms"] <= GOAL_P99_MS and not result["stopped_early"]
+        return ok, f"goal: 0 errors and p99 <= {GOAL_P99_MS:g} ms: {'met' if ok else 'MISSED'}"
+    peak = result.get("server_peak_rss_mb")
+    ok = (result["innocent_failures"] == 0 and result["hostile_server_errors"] == 0
+          and result["p99_ms"] <= GOAL_P99_MS and not result["stopped_early"]
+          and (peak is None or peak <= GOAL_PEAK_RSS_MB))
+    return ok, (f"goal: 0 innocent failures, 0 server errors on hostile uploads, p99 <= {GOAL_P99_MS:g} ms, "
+                f"peak memory <= {GOAL_PEAK_RSS_MB} MB{'' if peak is not None else ' (not measured)'}: "
+                f"{'met' if ok else 'MISSED'}")
 
 
 def report(result: dict, as_json: bool, verdict: str) -> None:

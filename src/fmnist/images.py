@@ -148,17 +148,8 @@ def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLarge:
     )
 
 
-def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
-                 max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode untrusted image bytes (or a file path) into a fully loaded Pillow image.
-
-    Returns the first frame, EXIF orientation applied, in the file's own mode (``L``, ``RGB``, ``RGBA``,
-    ``P``, ``I;16``, ``CMYK``, ...): :func:`fmnist.preprocess.to_dataset_format` takes any of them.
-
-    Raises :class:`ImageTooLarge` if ``width * height > max_pixels`` (checked from the header, before
-    decoding), and :class:`ImageError` for anything that is not a decodable PNG/JPEG/BMP/GIF/WebP/TIFF
-    image.
-    """
+def _as_bytes(data) -> bytes:
+    """The upload's bytes (a path is read), refused when empty or made of too many parts to be an image."""
     if isinstance(data, (str, os.PathLike)):
         try:
             with open(data, "rb") as f:
@@ -171,11 +162,26 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
         raise ImageError(f"expected image bytes or a file path, got {type(data).__name__}")
     if not data:
         raise ImageError("empty upload: no image data")
-    if max_pixels is None or max_pixels <= 0:
-        raise ValueError("max_pixels must be a positive integer")
     why = _too_many_parts(data)
     if why:
         raise ImageError(f"cannot read the image: {why}, far more than any real image")
+    return data
+
+
+def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
+                 max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode untrusted image bytes (or a file path) into a fully loaded Pillow image.
+
+    Returns the first frame, EXIF orientation applied, in the file's own mode (``L``, ``RGB``, ``RGBA``,
+    ``P``, ``I;16``, ``CMYK``, ...): :func:`fmnist.preprocess.to_dataset_format` takes any of them.
+
+    Raises :class:`ImageTooLarge` if ``width * height > max_pixels`` (checked from the header, before
+    decoding), and :class:`ImageError` for anything that is not a decodable PNG/JPEG/BMP/GIF/WebP/TIFF
+    image.
+    """
+    data = _as_bytes(data)
+    if max_pixels is None or max_pixels <= 0:
+        raise ValueError("max_pixels must be a positive integer")
 
     im = None
     try:
