@@ -116,13 +116,76 @@ def test_read_idx_rejects_bad_files(tmp_path, raw, why, gz):
 
 
 def test_read_idx_truncated_gzip_and_missing(tmp_path):
-    full = gzip.compress(GOOD + bytes(range(256)) * 50)
+    noisy = idx_bytes(0x803, (4, 28, 28), np.random.default_rng(0).integers(0, 256, 4 * 784, np.uint8).tobytes())
+    full = gzip.compress(noisy)  # incompressible: the cut falls inside the images
     (tmp_path / "cut.gz").write_bytes(full[: len(full) // 2])
     with pytest.raises(DataError, match="decompress") as err:
         data.read_idx(tmp_path / "cut.gz")
     assert "cut.gz" in str(err.value)
     with pytest.raises(DataError, match="not found"):
         data.read_idx(tmp_path / "nope")
+
+
+def _gzip_of_zeros(header: bytes, zeros: int) -> bytes:
+    """A gzip file of ``header`` followed by ``zeros`` zero bytes, made in pieces (never held whole)."""
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: gzip container
+    parts = [comp.compress(header)]
+    block = bytes(1 << 20)
+    for _ in range(zeros >> 20):
+        parts.append(comp.compress(block))
+    parts.append(comp.compress(bytes(zeros & ((1 << 20) - 1))))
+    return b"".join(parts) + comp.flush()
+
+
+def test_gzip_bomb_is_refused_without_expanding_it(tmp_path):
+    """A small .gz whose header announces two images but that expands to 200 MB: refused after reading the
+    two images and one more byte, not after decompressing it all."""
+    import tracemalloc
+
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(_gzip_of_zeros(struct.pack(">I3I", 0x803, 2, 28, 28), 200 << 20))
+    assert path.stat().st_size < 300_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="wrong length") as err:
+            data.read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(err.value)
+    assert peak < 8_000_000, f"{peak / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize("dims", [(10**7, 28, 28), (100_000, 28, 28)], ids=["over-the-limit", "over-the-file"])
+def test_header_asking_for_more_than_possible_is_refused_before_reading(tmp_path, dims):
+    """A header announcing 7.8 GB (more than any IDX file this loader takes) or 78 MB (more than the small gzip
+    file can hold): refused from the header alone, nothing allocated or decompressed."""
+    import tracemalloc
+
+    path = tmp_path / "liar.gz"
+    path.write_bytes(gzip.compress(struct.pack(">I3I", 0x803, *dims) + bytes(1000)))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="wrong length") as err:
+            data.read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(err.value) and peak < 1_000_000
+    raw = tmp_path / "liar"
+    raw.write_bytes(struct.pack(">I3I", 0x803, *dims) + bytes(1000))  # uncompressed: the file size says it
+    with pytest.raises(DataError, match="wrong length"):
+        data.read_idx(raw)
+
+
+def test_streamed_read_keeps_the_checksum_of_the_content(tmp_path):
+    images = np.random.default_rng(3).integers(0, 256, (2000, 28, 28), dtype=np.uint8)  # > one read chunk
+    data.write_idx(tmp_path / "x.gz", images)
+    raw = gzip.decompress((tmp_path / "x.gz").read_bytes())
+    back = data.read_idx(tmp_path / "x.gz", expected_sha256=hashlib.sha256(raw).hexdigest())
+    assert np.array_equal(back, images) and back.flags.writeable
 
 
 def test_read_idx_checksum(tmp_path):

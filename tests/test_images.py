@@ -244,3 +244,56 @@ def test_exif_rotated_jpeg():
     a = np.asarray(im.convert("L"), dtype=float)
     assert a[:8, -8:].mean() < 40 and a[:8, :8].mean() > 215  # the mark is now top-right
     assert im.getexif().get(0x0112) in (None, 1)  # not applied twice downstream
+
+
+def test_too_large_messages_quote_our_limit_not_pillows():
+    """Pillow's own bomb checks fire first for very large images; the message still names the caller's limit."""
+    limit = 1_000_000
+    for w, h in ((20000, 20000), (12000, 9000), (1001, 1000)):  # Pillow's error, Pillow's warning, ours
+        with pytest.raises(ImageTooLarge) as err:
+            decode_image(_png_bomb(w, h, rows=1), max_pixels=limit)
+        message = str(err.value)
+        assert "1,000,000" in message and str(Image.MAX_IMAGE_PIXELS) not in message, message
+        assert str(2 * Image.MAX_IMAGE_PIXELS) not in message
+
+
+
+def _gif_of_many_frames(frames: int) -> bytes:
+    """A valid GIF of ``frames`` 1x1 frames, written by hand (about 20 bytes a frame)."""
+    head = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    frame = (b"\x21\xf9\x04\x00\x01\x00\x00\x00"  # graphic control: 10 ms
+             + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0)  # image descriptor, 1x1
+             + b"\x02\x02\x44\x01\x00")  # LZW code size 2, one sub-block (clear, pixel 0, end), terminator
+    return head + frame * frames + b"\x3b"
+
+
+def test_gif_with_many_frames_is_not_walked(monkeypatch):
+    """Only the first frame is read: counting frames (n_frames) would parse all 200,000 of them."""
+    from PIL import GifImagePlugin
+
+    data = _gif_of_many_frames(200_000)
+    assert len(data) < 5_000_000
+    seeks = []
+    real = GifImagePlugin.GifImageFile._seek
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_seek",
+                        lambda self, frame, update_image=True: seeks.append(frame) or real(self, frame, update_image))
+    im = decode_image(data)
+    assert im.size == (1, 1) and len(seeks) <= 2
+
+
+def test_png_and_jpeg_with_endless_empty_parts_are_refused():
+    """A few MB of empty PNG chunks or JPEG markers, each parsed by Pillow in Python: refused before parsing."""
+    png = _encode(Image.new("L", (8, 8), 100), "PNG")
+    spam = _png_chunk(b"teXt", b"") * 600_000
+    jpeg = _encode(Image.new("L", (8, 8), 100), "JPEG")
+    for data in (png[:33] + spam + png[33:], png[:-12] + spam + png[-12:],
+                 jpeg[:2] + b"\xff\xfe\x00\x02" * 2_000_000 + jpeg[2:]):
+        with pytest.raises(ImageError, match="far more than any real image"):
+            decode_image(data)
+    # Real files are far below the limits: an animated PNG of 300 frames, a progressive JPEG with EXIF.
+    frames = [Image.new("L", (16, 16), v) for v in range(0, 300)]
+    apng = _encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=10)
+    assert decode_image(apng).size == (16, 16)
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 10_000
+    assert decode_image(_encode(_garment(), "JPEG", progressive=True, exif=exif.tobytes())).size == (60, 40)

@@ -64,9 +64,14 @@ def huge_png(width: int, height: int) -> bytes:
 
 # --- clients --------------------------------------------------------------------------------------------
 
+def local_client(app) -> TestClient:
+    """A test client whose requests say ``Host: localhost``, a name the server answers by default."""
+    return TestClient(app, base_url="http://localhost")
+
+
 @pytest.fixture(scope="module")
 def client(trained_run):
-    with TestClient(create_app(trained_run, max_body=MAX_BODY)) as c:
+    with local_client(create_app(trained_run, max_body=MAX_BODY)) as c:
         yield c
 
 
@@ -103,18 +108,17 @@ def test_health_and_model_info(client, trained_run):
 
 
 def test_threshold_setting_reaches_the_predictor(trained_run):
-    with TestClient(create_app(trained_run, threshold=0.9)) as c:
+    with local_client(create_app(trained_run, threshold=0.9)) as c:
         assert c.get("/api/model").json()["thresholds"]["confidence"] == pytest.approx(0.9)
     with pytest.raises(ValueError, match="threshold"):
         create_app(trained_run, threshold=1.5)
 
 
 def test_ood_threshold_setting_reaches_the_predictor(trained_run):
-    with TestClient(create_app(trained_run)) as c:
+    with local_client(create_app(trained_run)) as c:
         default = c.get("/api/model").json()["thresholds"].get("ood")
-    if default is None:
-        pytest.skip("this run has no out-of-distribution detector")
-    with TestClient(create_app(trained_run, ood_threshold=default + 1.0)) as c:
+    assert default is not None, "training fits an out-of-distribution detector: the run must have one"
+    with local_client(create_app(trained_run, ood_threshold=default + 1.0)) as c:
         assert c.get("/api/model").json()["thresholds"]["ood"] == pytest.approx(default + 1.0)
 
 
@@ -283,7 +287,7 @@ def test_decompression_bomb_is_refused_without_decoding(client, size):
 
 
 def test_pixel_limit_is_configurable(trained_run):
-    with TestClient(create_app(trained_run, max_pixels=10_000)) as c:
+    with local_client(create_app(trained_run, max_pixels=10_000)) as c:
         assert_error(post_image(c, encode(np.zeros((200, 200), np.uint8))), 413, "10,000")
         assert post_image(c, encode(np.zeros((100, 100), np.uint8))).status_code == 200
 
@@ -317,7 +321,7 @@ def test_missing_file_field_gets_422(client, garment_png):
 def test_malformed_multipart_gets_400(client):
     r = client.post("/api/predict", content=b"--nope\r\ngarbage",
                     headers={"content-type": "multipart/form-data; boundary=xyz"})
-    assert r.status_code in (400, 422) and isinstance(r.json()["detail"], str)
+    assert_error(r, 400, "closing boundary")
     r = client.post("/api/predict", content=b"abc", headers={"content-type": "multipart/form-data"})
     assert_error(r, 400)
 
@@ -356,7 +360,7 @@ def test_batch_names_the_bad_file(client, garment_png):
 
 
 def test_batch_size_is_limited(trained_run, garment_png):
-    with TestClient(create_app(trained_run, max_batch=2)) as c:
+    with local_client(create_app(trained_run, max_batch=2)) as c:
         files = [("file", (f"{i}.png", garment_png, "image/png")) for i in range(3)]
         assert_error(c.post("/api/predict/batch", files=files), 413, "too many")
         assert c.post("/api/predict/batch", files=files[:2]).status_code == 200
@@ -368,15 +372,15 @@ def test_saturated_server_answers_503_with_retry_after(trained_run, garment_png,
     from fmnist.serve import inference
 
     entered, release = threading.Event(), threading.Event()
-    real = inference.run_batch
+    real = inference.prepare_upload
 
     def slow(*args, **kwargs):
         entered.set()
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "run_batch", slow)
-    with TestClient(create_app(trained_run, max_concurrency=1)) as c:
+    monkeypatch.setattr(inference, "prepare_upload", slow)
+    with local_client(create_app(trained_run, max_concurrency=1)) as c:
         first = {}
         t = threading.Thread(target=lambda: first.setdefault("r", post_image(c, garment_png)))
         t.start()
@@ -395,16 +399,15 @@ def test_saturated_server_answers_503_with_retry_after(trained_run, garment_png,
 
 def test_new_result_keys_and_reasons_pass_through(client, garment_png, monkeypatch):
     predictor = client.app.state.predictor
-    real = predictor.predict_batch
+    real = predictor._result
 
-    def with_ood(items, return_image=False):
-        out = real(items, return_image=return_image)
-        for p in out:
-            p.update(accepted=False, reason="out_of_distribution", ood_score=np.float32(7.5),
-                     extra={"nan": float("nan")})
+    def with_ood(*args):
+        out = real(*args)
+        out.update(accepted=False, reason="out_of_distribution", ood_score=np.float32(7.5),
+                   extra={"nan": float("nan")})
         return out
 
-    monkeypatch.setattr(predictor, "predict_batch", with_ood)
+    monkeypatch.setattr(predictor, "_result", with_ood)
     p = post_image(client, garment_png).json()
     assert p["reason"] == "out_of_distribution" and p["ood_score"] == 7.5
     assert p["extra"] == {"nan": None}  # strict JSON: no NaN
@@ -421,8 +424,8 @@ def test_concurrent_requests_share_model_calls(trained_run, synthetic_data, monk
 
     predictor = fmnist.load(trained_run)
     calls = []
-    real = inference.run_batch
-    monkeypatch.setattr(inference, "run_batch", lambda p, reqs, mp: calls.append(len(reqs)) or real(p, reqs, mp))
+    real = inference.classify_batch
+    monkeypatch.setattr(inference, "classify_batch", lambda p, reqs: calls.append(len(reqs)) or real(p, reqs))
     pngs = [encode(synthetic_data.test_images[i].numpy()) for i in range(8)] + [b"not an image"]
 
     async def submit_all(max_images):
@@ -431,36 +434,55 @@ def test_concurrent_requests_share_model_calls(trained_run, synthetic_data, monk
                                     return_exceptions=True)
 
     results = asyncio.run(submit_all(64))
-    assert calls == [9]  # all nine, queued together, went through one call
+    assert calls == [8]  # the eight good ones, ready together, went through one model call
     for d, r in zip(pngs, results):
         if d == pngs[-1]:
-            assert isinstance(r, inference.UploadError) and r.status == 400  # failed alone
+            assert isinstance(r, inference.UploadError) and r.status == 400  # failed alone, before the model
         else:
-            assert r[0]["label"] == predictor.predict(d)["label"]
+            expected = predictor.predict(d)
+            assert r[0]["label"] == expected["label"]
+            assert r[0]["score"] == pytest.approx(expected["score"], abs=1e-5)
     calls.clear()
     asyncio.run(submit_all(4))
-    assert calls == [4, 4, 1]
+    assert calls == [4, 4]
+
+
+def _run_batcher(predictor, requests, max_images=64):
+    """Submit each request (a list of (name, bytes)) at once to one Batcher; their results or errors."""
+    import asyncio
+
+    from fmnist.serve.batching import Batcher
+
+    async def go():
+        batcher = Batcher(predictor, max_pixels=10**7, workers=1, max_images=max_images)
+        return await asyncio.gather(*(batcher.submit(r) for r in requests), return_exceptions=True)
+
+    return asyncio.run(go())
 
 
 def test_an_image_that_cannot_be_prepared_fails_only_its_request(trained_run, garment_png, monkeypatch):
     import fmnist
-    from fmnist.serve.inference import UploadError, run_batch
+    from fmnist.images import ImageError
+    from fmnist.serve.inference import UploadError
 
     predictor = fmnist.load(trained_run)
-    real = predictor.predict_batch
+    real = predictor.to_image28
 
-    def picky(items, return_image=False):
-        if any(getattr(it, "size", None) == (13, 13) for it in items):
-            raise ValueError("cannot prepare this one")
-        return real(items, return_image=return_image)
+    def picky(image):
+        if image.size == (13, 13):
+            raise ImageError("cannot prepare this one")
+        if image.size == (14, 14):
+            raise MemoryError
+        return real(image)
 
-    monkeypatch.setattr(predictor, "predict_batch", picky)
-    odd = encode(np.zeros((13, 13), np.uint8))
-    out = run_batch(predictor, [[("a.png", garment_png)], [("odd.png", odd)],
-                                [("b.png", garment_png), ("odd.png", odd)]], max_pixels=10**7)
+    monkeypatch.setattr(predictor, "to_image28", picky)
+    odd, huge = encode(np.zeros((13, 13), np.uint8)), encode(np.zeros((14, 14), np.uint8))
+    out = _run_batcher(predictor, [[("a.png", garment_png)], [("odd.png", odd)],
+                                   [("b.png", garment_png), ("odd.png", odd)], [("huge.png", huge)]])
     assert isinstance(out[0], list) and out[0][0]["label"] in CLASS_NAMES
     assert isinstance(out[1], UploadError) and out[1].status == 400
     assert isinstance(out[2], UploadError) and "file 2 ('odd.png')" in out[2].detail
+    assert isinstance(out[3], UploadError) and out[3].status == 413  # out of memory: its own 413
 
 
 def test_server_computes_on_one_thread():
@@ -554,7 +576,7 @@ def test_real_server_refuses_big_bodies_before_reading_them(trained_run):
 
     with serve_in_thread(create_app(trained_run, max_body=MAX_BODY)) as url:
         # Declares 50 MB and sends none of it: the answer comes at once, the connection is closed.
-        head = (b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                 b"Content-Length: 50000000\r\n\r\n")
         start = time.perf_counter()
         status, headers, body = _raw_request(url, head)
@@ -562,7 +584,7 @@ def test_real_server_refuses_big_bodies_before_reading_them(trained_run):
         assert b"connection: close" in headers
         assert json.loads(body)["detail"].startswith("request body too large")
         # A chunked upload (no length) of a valid multipart file part: refused once the count passes the limit.
-        head = (b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n")
         part = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
                 b"Content-Type: image/png\r\n\r\n")
@@ -570,7 +592,7 @@ def test_real_server_refuses_big_bodies_before_reading_them(trained_run):
         status, headers, body = _raw_request(url, head, chunks)
         assert status.startswith(b"HTTP/1.1 413"), body
         assert json.loads(body)["detail"].startswith("request body too large")
-        status, _, body = _raw_request(url, b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, _, body = _raw_request(url, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 200") and json.loads(body) == {"status": "ok"}
 
 
@@ -610,15 +632,20 @@ def _serve_parser():
     return parser
 
 
-def test_cli_flags_and_defaults():
+def test_cli_flags_and_defaults(capsys):
     parser = _serve_parser()
     args = parser.parse_args(["serve", "RUN"])
     assert (args.host, args.port, args.threshold, args.max_body_mb) == ("127.0.0.1", 8000, None, 8.0)
-    assert args.max_concurrency >= 16 and args.threads >= 1
-    help_text = parser._subparsers._group_actions[0].choices["serve"].format_help()
-    for flag in ("--host", "--port", "--threshold", "--max-body-mb", "--max-concurrency", "--threads"):
+    assert args.max_concurrency >= 16 and args.threads >= 1 and args.docs is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    flags = ("--host", "--port", "--threshold", "--max-body-mb", "--max-concurrency", "--threads",
+             "--max-uploads", "--max-connections", "--header-timeout", "--body-timeout", "--keep-alive-timeout",
+             "--allowed-hosts", "--docs")
+    for flag in flags:
         assert flag in help_text
-    assert help_text.count("default") >= 6
+    assert help_text.count("(default") >= len(flags)
 
 
 def test_cli_refuses_bad_settings_and_missing_runs(tmp_path):

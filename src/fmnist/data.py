@@ -55,41 +55,87 @@ def _fail(what: str) -> DataError:
     return DataError(f"{what}\n{_HOW_TO_GET}")
 
 
+#: Largest IDX payload read (ten times the official training images, 47 MB): a header asking for more is
+#: refused before anything is allocated or decompressed.
+MAX_IDX_BYTES = 512 * 2**20
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data more than this: bounds what a .gz file can hold
+_CHUNK = 1 << 20
+
+
 def _read(path, expected_sha256: str | None = None) -> tuple[np.ndarray, str]:
-    """Parse one IDX file; return (array, sha256 of the decompressed bytes)."""
+    """Parse one IDX file; return (array, sha256 of the decompressed bytes).
+
+    The file is streamed: the header is read (and checked) first, and no more bytes are decompressed than it
+    announces plus one, so a small ``.gz`` that would expand to gigabytes costs nothing.
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        # Decide by content, not by name: users gunzip files or save them under the other name.
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        with open(path, "rb") as f:
+            # Decide by content, not by name: users gunzip files or save them under the other name.
+            zipped = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            size = os.fstat(f.fileno()).st_size
+            if zipped:
+                with gzip.GzipFile(fileobj=f, mode="rb") as stream:
+                    return _parse(path, stream, size, zipped, expected_sha256)
+            return _parse(path, f, size, zipped, expected_sha256)
     except FileNotFoundError:
         raise _fail(f"{path}: file not found.") from None
     except (OSError, EOFError, zlib.error) as exc:  # unreadable, or a truncated/corrupt gzip stream
         raise _fail(f"{path}: cannot read or decompress ({exc}).") from None
-    sha = hashlib.sha256(raw).hexdigest()
-    if expected_sha256 is not None and sha != expected_sha256.lower():
-        raise _fail(f"{path}: checksum mismatch, expected sha256 {expected_sha256}, got {sha} "
-                    "(file is corrupt, truncated or a different data set).")
-    if len(raw) < 4:
-        raise _fail(f"{path}: too short for an IDX header ({len(raw)} bytes).")
-    (magic,) = struct.unpack(">I", raw[:4])
+
+
+def _read_up_to(stream, n: int) -> bytes:
+    """Up to ``n`` bytes: fewer only at the end of the stream."""
+    parts, got = [], 0
+    while got < n and (part := stream.read(n - got)):
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _parse(path: Path, stream, size: int, zipped: bool, expected_sha256: str | None) -> tuple[np.ndarray, str]:
+    sha = hashlib.sha256()
+    head = _read_up_to(stream, 4)
+    sha.update(head)
+    if len(head) < 4:
+        raise _fail(f"{path}: too short for an IDX header ({len(head)} bytes).")
+    (magic,) = struct.unpack(">I", head)
     if magic not in _MAGIC:
         raise _fail(f"{path}: not a uint8 IDX label/image file (magic 0x{magic:08x}, "
                     "expected 0x00000801 or 0x00000803).")
     ndim = _MAGIC[magic]
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise _fail(f"{path}: truncated header ({len(raw)} bytes, need {header}).")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    rest = _read_up_to(stream, header - 4)
+    sha.update(rest)
+    if len(rest) < header - 4:
+        raise _fail(f"{path}: truncated header ({4 + len(rest)} bytes, need {header}).")
+    dims = struct.unpack(f">{ndim}I", rest)
     if ndim == 3 and (dims[1] == 0 or dims[2] == 0):
         raise _fail(f"{path}: bad image dimensions {dims}.")
-    want = header + int(np.prod(dims, dtype=np.int64))
-    if len(raw) != want:
+    payload = int(np.prod(dims, dtype=np.int64))
+    want = header + payload
+    # What the file can hold at most: its size, or what deflate can expand it to.
+    room = size * _DEFLATE_MAX_RATIO if zipped else size
+    if payload > MAX_IDX_BYTES or want > room:
+        why = (f"more than the {MAX_IDX_BYTES:,} bytes this loader accepts" if payload > MAX_IDX_BYTES else
+               f"more than a {size:,}-byte {'gzip ' if zipped else ''}file can hold")
+        raise _fail(f"{path}: wrong length, header says {dims} -> {want:,} bytes, {why}.")
+    out = np.empty(payload, dtype=np.uint8)  # writable, as torch.from_numpy wants
+    view, got = memoryview(out), 0
+    while got < payload and (n := stream.readinto(view[got:got + _CHUNK])):
+        got += n
+    sha.update(view[:got])
+    extra = stream.read(1)
+    if got < payload or extra:
         # Both shorter (truncated) and longer (wrong dims or appended junk) mean we cannot trust it.
-        raise _fail(f"{path}: wrong length, header says {dims} -> {want} bytes, file has {len(raw)}.")
-    # copy(): frombuffer over bytes is read-only, and torch warns about (and may write to) such arrays.
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy(), sha
+        has = f"{header + got:,} bytes" if not extra else "more"
+        raise _fail(f"{path}: wrong length, header says {dims} -> {want} bytes, file has {has}.")
+    digest = sha.hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise _fail(f"{path}: checksum mismatch, expected sha256 {expected_sha256}, got {digest} "
+                    "(file is corrupt, truncated or a different data set).")
+    return out.reshape(dims), digest
 
 
 def read_idx(path, expected_sha256: str | None = None) -> np.ndarray:

@@ -82,6 +82,9 @@ def session(device: str = "auto"):
     dist.init_process_group("nccl" if cuda else "gloo", rank=ctx.rank, world_size=ctx.world_size)
     try:
         yield ctx
+        # Leave together: rank 0 still runs the trust fit when the others are done, and a process that tears
+        # its gloo connections down while a peer is still attached was seen to abort ("terminate called").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -114,10 +114,13 @@ class Predictor:
         return self.predict_batch([item], return_image=return_image)[0]
 
     def predict_batch(self, items, return_image: bool = False) -> list[dict]:
-        images = [self.to_image28(it) for it in items]
-        if not images:
+        return self.predict_prepared([self.to_image28(it) for it in items], return_image)
+
+    def predict_prepared(self, images28: list[np.ndarray], return_image: bool = False) -> list[dict]:
+        """Results for images already in the data set's format (:meth:`to_image28`), as ``predict_batch``."""
+        if not len(images28):
             return []
-        batch = np.stack(images)
+        batch = np.stack(images28)
         analysis = self.analyse(batch)
         probs = analysis.probs
         ood = [None] * len(batch) if analysis.ood is None else analysis.ood.tolist()

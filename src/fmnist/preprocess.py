@@ -160,14 +160,14 @@ def _looks_like_dataset(a: np.ndarray) -> bool:
 
 
 def _plain_uint8_28(image) -> np.ndarray | None:
-    """The pixels of a uint8 28x28 grey array, or of an ``L`` 28x28 single-frame PIL image without an EXIF
-    turn; None for anything else (which goes the long way, with the same result for these)."""
+    """The pixels of a uint8 28x28 grey array, or of an ``L`` 28x28 PIL image on its first frame without an
+    EXIF turn; None for anything else (which goes the long way, with the same result for these)."""
     if isinstance(image, np.ndarray):
         return image if image.dtype == np.uint8 and image.shape == (_SIZE, _SIZE) else None
     from PIL import Image
 
     if not (isinstance(image, Image.Image) and image.mode == "L" and image.size == (_SIZE, _SIZE)
-            and getattr(image, "n_frames", 1) == 1):
+            and image.tell() == 0):
         return None
     try:
         turned = image.getexif().get(0x0112, 1) != 1
@@ -177,48 +177,136 @@ def _plain_uint8_28(image) -> np.ndarray | None:
 
 
 def _planes(image) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image -> (luminance float64 (H, W) in [0, 255], alpha float64 in [0, 1] or None)."""
-    from PIL import Image, ImageOps
+    """Image -> (luminance float64 (H, W) in [0, 255], alpha float64 in [0, 1] or None).
+
+    A PIL image comes back already reduced to at most ``_WORK_SIZE`` pixels a side, converted and reduced
+    tile by tile, so that no intermediate is larger than a tile however large or thin the image (an upload
+    within the pixel limit costs its decoded pixels plus a few MB, never a float copy of itself).
+    """
+    from PIL import Image
 
     if isinstance(image, Image.Image):
-        if getattr(image, "n_frames", 1) > 1 and image.tell() != 0:
+        if image.tell() != 0:  # the first frame (not n_frames: GIF and TIFF count theirs by walking them all)
             image.seek(0)
-        try:
-            image = ImageOps.exif_transpose(image) or image
-        except Exception:  # noqa: BLE001 - a malformed EXIF block must not reject the image
-            pass
+        image = _upright(image)
         mode = image.mode
         if mode in ("I", "F") or mode.startswith("I;16"):
-            return _array_planes(np.asarray(image))
-        has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info
-        if has_alpha:
-            if mode == "La":
-                image = image.convert("LA")
-            elif mode not in ("RGBA", "LA"):
-                image = image.convert("RGBA")  # applies a palette's / tRNS transparency
-            image = image.convert("LA")  # Pillow's ITU-R 601 luma, alpha kept
-        elif mode != "L":
-            if mode not in ("1", "P", "RGB"):
-                try:  # CMYK, YCbCr, LAB, HSV, RGBX...: through RGB
-                    image = image.convert("RGB")
-                except (ValueError, OSError):
-                    pass
-            image = image.convert("L")
-        image = _shrink_pil(image, _WORK_SIZE)
-        return _array_planes(np.asarray(image))
+            return _wide_planes(image, _WORK_SIZE)
+        try:
+            small = _tiled_reduce(image, _WORK_SIZE)
+        except (ValueError, OSError) as e:  # a mode Pillow cannot convert (LAB, HSV...): the image's fault
+            from .images import ImageError
+
+            raise ImageError(f"unsupported image mode {mode}: cannot convert it to grey levels") from e
+        return _array_planes(np.asarray(small))
     if hasattr(image, "detach") and hasattr(image, "cpu"):  # torch tensor
         image = image.detach().cpu().numpy()
     return _array_planes(np.asarray(image))
 
 
-def _shrink_pil(image, limit: int):
-    """Integer-factor box reduction of a large PIL image (fast, premultiplies alpha)."""
-    factor = -(-max(image.size) // limit)
-    if factor <= 1:
+def _upright(image):
+    """The image turned as its EXIF orientation says; the image itself (no copy) when there is no turn."""
+    from PIL import ImageOps
+
+    try:
+        if image.getexif().get(0x0112, 1) not in range(2, 9):
+            return image
+        return ImageOps.exif_transpose(image) or image
+    except Exception:  # noqa: BLE001 - a malformed EXIF block must not reject the image
+        return image
+
+
+def _luma(image):
+    """Per-pixel conversion of a PIL image of any mode to ``L``, or ``LA`` when it has transparency."""
+    mode = image.mode
+    if mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info:
+        if mode == "La":
+            image = image.convert("LA")
+        elif mode not in ("RGBA", "LA"):
+            image = image.convert("RGBA")  # applies a palette's / tRNS transparency
+        return image.convert("LA")  # Pillow's ITU-R 601 luma, alpha kept
+    if mode != "L":
+        if mode not in ("1", "P", "RGB"):
+            try:  # CMYK, YCbCr, LAB, HSV, RGBX...: through RGB
+                image = image.convert("RGB")
+            except (ValueError, OSError):
+                pass
+        image = image.convert("L")
+    return image
+
+
+_TILE_PIXELS = 1 << 18  # large images are converted and reduced in tiles of about this many pixels
+
+
+def _factors(width: int, height: int, limit: int) -> tuple[int, int]:
+    """Integer reduction factors (x, y) so that the longest side becomes at most ``limit``.
+
+    Both are the same (the aspect ratio is kept) except along a side shorter than the factor, which is
+    reduced to one pixel: a 1x100000 strip becomes 1x977, not 1x100000.
+    """
+    factor = max(1, -(-max(width, height) // limit))
+    return min(factor, width), min(factor, height)
+
+
+def _tiles(width: int, height: int, fx: int, fy: int):
+    """Boxes (left, top, right, bottom) covering the image, each a whole number of fx x fy blocks (but the
+    last row and column), of about ``_TILE_PIXELS`` pixels or one row of blocks."""
+    tw = width if width * fy <= _TILE_PIXELS else max(fx, _TILE_PIXELS // fy // fx * fx)
+    th = max(fy, _TILE_PIXELS // tw // fy * fy)
+    for top in range(0, height, th):
+        for left in range(0, width, tw):
+            yield left, top, min(width, left + tw), min(height, top + th)
+
+
+def _tiled_reduce(image, limit: int):
+    """``_shrink_pil(_luma(image), limit)`` computed tile by tile, with the same pixels as a result.
+
+    Conversion is per pixel and box reduction is per block, so tiles aligned on whole blocks give exactly
+    the whole image's result, while only one tile's conversions exist at a time.
+    """
+    from PIL import Image
+
+    fx, fy = _factors(*image.size, limit)
+    if fx == fy == 1:
+        return _luma(image)
+    w, h = image.size
+    out = None
+    for box in _tiles(w, h, fx, fy):
+        part = _shrink_pil(_luma(image.crop(box)), (fx, fy))
+        if out is None:
+            out = Image.new(part.mode, (-(-w // fx), -(-h // fy)))
+        out.paste(part, (box[0] // fx, box[1] // fy))
+    return out
+
+
+def _shrink_pil(image, factors: tuple[int, int]):
+    """Box reduction of a PIL image by integer factors (x, y) (fast, premultiplies alpha)."""
+    if factors == (1, 1):
         return image
     if image.mode == "LA":
-        return image.convert("La").reduce(factor).convert("LA")
-    return image.reduce(factor)
+        return image.convert("La").reduce(factors).convert("LA")
+    return image.reduce(factors)
+
+
+def _wide_planes(image, limit: int) -> tuple[np.ndarray, None]:
+    """Planes of an ``I``, ``F`` or ``I;16`` image, equal to ``_shrink(_array_planes(np.asarray(image))[0])``
+    but computed tile by tile: the value range first (it decides the scaling), then the scaled block means,
+    so that no float copy of the whole image is ever made."""
+    w, h = image.size
+    fx, fy = _factors(w, h, limit)
+    if fx == fy == 1:
+        return _array_planes(np.asarray(image))
+    lo, hi = np.inf, -np.inf
+    for box in _tiles(w, h, fx, fy):
+        a = np.asarray(image.crop(box))
+        f = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = min(lo, float(f.min())), max(hi, float(f.max()))
+    hh, ww = h // fy * fy, w // fx * fx  # _shrink drops the incomplete last blocks
+    out = np.empty((hh // fy, ww // fx), np.float64)
+    for left, top, right, bottom in _tiles(ww, hh, fx, fy):
+        f = _scale_to_255(np.asarray(image.crop((left, top, right, bottom))), (lo, hi))
+        out[top // fy:bottom // fy, left // fx:right // fx] = _block_mean(f, fx, fy)
+    return out, None
 
 
 def _array_planes(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -248,14 +336,18 @@ def _array_planes(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return colour, alpha
 
 
-def _scale_to_255(a: np.ndarray) -> np.ndarray:
-    """Pixel values of any dtype -> float64 in [0, 255]."""
+def _scale_to_255(a: np.ndarray, whole: tuple | None = None) -> np.ndarray:
+    """Pixel values of any dtype -> float64 in [0, 255].
+
+    ``whole``: (min, max) of the whole image when ``a`` is one tile of it (the scaling depends on the
+    whole image's range); None when ``a`` is the whole image.
+    """
     if a.dtype == np.uint8:
         return a.astype(np.float64)
     if a.dtype == bool:
         return a.astype(np.float64) * 255.0
     f = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(f.min()), float(f.max())
+    lo, hi = (float(f.min()), float(f.max())) if whole is None else whole
     if np.issubdtype(a.dtype, np.floating):
         if lo >= 0.0 and hi <= 1.0:
             return f * 255.0
@@ -296,14 +388,19 @@ def _composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray | None:
 
 
 def _shrink(a: np.ndarray, limit: int) -> np.ndarray:
-    """Box-average a large array by an integer factor so its longest side is at most ``limit``."""
-    factor = -(-max(a.shape) // limit)
-    if factor <= 1:
+    """Box-average a large array by integer factors (see :func:`_factors`) so its longest side is at most
+    ``limit``; incomplete blocks at the right and bottom are dropped."""
+    fx, fy = _factors(a.shape[1], a.shape[0], limit)
+    if fx == fy == 1:
         return a
-    h, w = (a.shape[0] // factor) * factor, (a.shape[1] // factor) * factor
-    if h == 0 or w == 0:
-        return a
-    return a[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+    h, w = (a.shape[0] // fy) * fy, (a.shape[1] // fx) * fx
+    return _block_mean(a[:h, :w], fx, fy)
+
+
+def _block_mean(a: np.ndarray, fx: int, fy: int) -> np.ndarray:
+    """Mean of each fy x fx block of an array whose sides are multiples of the factors."""
+    h, w = a.shape
+    return a.reshape(h // fy, fy, w // fx, fx).mean(axis=(1, 3))
 
 
 def _background(border: np.ndarray) -> tuple[float, float]:

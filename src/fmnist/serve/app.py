@@ -1,22 +1,23 @@
 """The web application: JSON API, the page, limits. Build it with :func:`create_app`.
 
-Request path of ``POST /api/predict``: the body-size middleware counts bytes as they arrive (413 past the
-limit); the route checks the content type (415) and takes an in-flight slot (503 + Retry-After when all are
-taken) *before* FastAPI parses the multipart body; decoding and inference then run off the event loop on
-``threads`` worker threads, each running PyTorch single-threaded, and requests that arrive while the workers
-are busy are served together by one model call (:mod:`fmnist.serve.batching`).
+Request path of ``POST /api/predict``: the connection's own limits (header size, timeouts: see
+:mod:`fmnist.serve.protocol`); the Host allow-list (400); the body-size middleware, which counts bytes as they
+arrive (413 past the limit); the route checks the content type (415) and takes an upload slot (503 when all
+are taken) while FastAPI receives and parses the multipart body (400 if it never closes); only then, with the
+body in, does the request take an in-flight slot (503 + Retry-After when all are taken), so that slow uploads
+hold no inference slot. Decoding and inference run off the event loop on ``threads`` worker threads, each
+running PyTorch single-threaded, one upload at a time, and images ready while the workers are busy are served
+together by one model call (:mod:`fmnist.serve.batching`). Every error, from any layer, is JSON.
 """
 import functools
 import gc
 import json
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import anyio
-import torch
 from fastapi import APIRouter, FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -24,12 +25,13 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 import fmnist
-from fmnist.images import MAX_PIXELS
 from fmnist.serve.batching import Batcher
 from fmnist.serve.inference import UploadError, jsonable, single_threaded_compute
-from fmnist.serve.limits import BodySizeLimit, Gate
+from fmnist.serve.limits import BodySizeLimit, BodyWatch, Gate, HostAllowList, JsonErrors, multipart_boundary
+from fmnist.serve.settings import Settings
 from fmnist.serve.texts import GENERIC_REASON, REASON_TEXTS, class_info
 
 log = logging.getLogger("fmnist.serve")
@@ -42,19 +44,6 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-
-
-@dataclass(frozen=True)
-class Settings:
-    run_dir: Path
-    max_body: int
-    max_pixels: int
-    max_concurrency: int
-    threshold: float | None
-    ood_threshold: float | None
-    threads: int
-    max_batch: int
-    backend: str = "auto"
 
 
 # --- response schemas (for the OpenAPI page; responses are not re-validated, to keep requests cheap) ------
@@ -80,43 +69,43 @@ class Error(BaseModel):
 
 
 ERRORS = {
-    400: {"model": Error, "description": "undecodable or unsupported image, or a malformed multipart body"},
+    400: {"model": Error, "description": "undecodable or unsupported image, a malformed multipart body, two "
+                                         "'file' fields on /api/predict, or a Host this server does not serve"},
+    408: {"model": Error, "description": "the request's headers or body did not arrive in time"},
     413: {"model": Error, "description": "body over the size limit, image over the pixel limit, or too many "
                                          "files"},
     415: {"model": Error, "description": "the request is not multipart/form-data"},
+    431: {"model": Error, "description": "request line and headers too large, or too many header fields"},
     422: {"model": Error, "description": "the 'file' field is missing"},
-    503: {"model": Error, "description": "too many predictions in progress; retry after Retry-After seconds"},
+    500: {"model": Error, "description": "a fault of the server on this request (logged); other requests are "
+                                         "not affected"},
+    503: {"model": Error, "description": "too many predictions or uploads in progress; retry after Retry-After "
+                                         "seconds"},
 }
 
 
-def create_app(run_dir, *, max_body: int = 8_000_000, max_pixels: int = MAX_PIXELS, max_concurrency: int = 32,
-               threshold: float | None = None, ood_threshold: float | None = None, threads: int = 1,
-               max_batch: int = 32, backend: str = "auto") -> FastAPI:
+def create_app(run_dir, **settings) -> FastAPI:
     """The application serving the model of ``run_dir`` (loaded at start-up, in the lifespan).
 
-    ``max_body``: bytes per request body; ``max_pixels``: width*height per image, checked before decoding;
-    ``max_concurrency``: predict requests in flight before 503; ``threshold``: confidence under which
-    answers are refused (None: the run's own); ``ood_threshold``: out-of-distribution score above which
-    images are refused, for runs with a detector (None: the run's own); ``threads``: inference worker threads;
-    ``max_batch``: images per batch request.
+    ``settings``: any field of :class:`~fmnist.serve.settings.Settings` (its defaults are the server's;
+    each is the command-line flag of the same name), e.g. ``max_body`` (bytes per request body),
+    ``max_pixels`` (width*height per image, checked before decoding), ``max_concurrency`` (predict requests
+    in flight before 503), ``threshold``, ``ood_threshold`` (None: the run's own), ``threads``, ``max_batch``,
+    ``allowed_hosts``, ``docs``. Bad values raise ``ValueError``.
     """
-    checks = [(max_body > 0, "max_body must be > 0"), (max_pixels > 0, "max_pixels must be > 0"),
-              (max_concurrency >= 1, "max_concurrency must be >= 1"), (threads >= 1, "threads must be >= 1"),
-              (max_batch >= 1, "max_batch must be >= 1"),
-              (threshold is None or 0.0 <= threshold <= 1.0, "threshold must be between 0 and 1")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    settings = Settings(Path(run_dir), int(max_body), int(max_pixels), int(max_concurrency), threshold,
-                        ood_threshold, int(threads), int(max_batch), backend)
-
+    s = Settings(run_dir=Path(run_dir), **settings)
     app = FastAPI(title="fmnist", version=fmnist.__version__, lifespan=_lifespan,
+                  docs_url="/docs" if s.docs else None, redoc_url=None,
                   description="Classify garment images into the 10 Fashion-MNIST classes. Answers under the "
                               "confidence threshold, and blank images, are refused (`accepted: false`) but "
                               "still carry the best guess.")
-    app.state.settings = settings
-    app.state.gate = Gate(settings.max_concurrency)
-    app.add_middleware(BodySizeLimit, max_body=settings.max_body)
+    app.state.settings = s
+    app.state.gate = Gate(s.max_concurrency, "predictions")
+    app.state.uploads = Gate(s.max_uploads, "uploads")
+    # Outermost last: JsonErrors, then the Host check, then the body limit.
+    app.add_middleware(BodySizeLimit, max_body=s.max_body)
+    app.add_middleware(HostAllowList, hosts=s.allowed_hosts)
+    app.add_middleware(JsonErrors)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(_predict_router())
@@ -130,18 +119,18 @@ async def _lifespan(app: FastAPI):
     s: Settings = app.state.settings
     from fmnist.predict import Predictor
 
-    # Bounded threads: `threads` workers, each running PyTorch and NumPy on one thread.
-    single_threaded_compute()
-    torch.set_flush_denormal(True)  # denormal floats can slow CPU kernels many times over
     # Starlette's own blocking work (static files, large uploads spooled to disk) uses anyio's default
     # pool of 40 threads; a few are plenty here.
     anyio.to_thread.current_default_thread_limiter().total_tokens = 8
     extra = {} if s.ood_threshold is None else {"ood_threshold": s.ood_threshold}
-    # BatchNorm folded into the convolutions: the same function with fewer layers (about a quarter less time).
-    # One intra-op thread per inference worker, no spinning (ONNX Runtime): the cores are shared with the event loop.
+    # BatchNorm folded into the convolutions (PyTorch): the same function with fewer layers, a quarter faster.
+    # One intra-op thread per inference worker, no spinning (ONNX Runtime): the cores are shared with the
+    # event loop.
     load = functools.partial(Predictor.from_run, s.run_dir, backend=s.backend, fold_bn=True, threads=1,
                              confidence_threshold=s.threshold, **extra)
     predictor = await anyio.to_thread.run_sync(load)
+    # Bounded threads: `threads` workers, each running the model and NumPy on one thread.
+    single_threaded_compute()
     await anyio.to_thread.run_sync(_warm_up, predictor)  # first calls allocate; keep that off requests
     # Everything allocated so far (PyTorch, the model, FastAPI) lives as long as the server: move it out of the
     # garbage collector's reach, so that its full collections no longer walk it in the middle of requests.
@@ -150,16 +139,15 @@ async def _lifespan(app: FastAPI):
     app.state.predictor = predictor
     app.state.batcher = Batcher(predictor, s.max_pixels, workers=s.threads, max_images=max(64, s.max_batch))
     app.state.model_info = json.dumps(jsonable(_model_info(predictor, s))).encode()
-    log.info("serving %s (%s, %d BatchNorm layers folded), threshold %.2f, %d worker thread(s)", s.run_dir,
-             predictor.run.model_name, predictor.backend.folded, predictor.confidence_threshold, s.threads)
+    log.info("serving %s (%s on %s), threshold %.2f, %d worker thread(s)", s.run_dir, predictor.run.model_name,
+             predictor.backend.name, predictor.confidence_threshold, s.threads)
     yield
 
 
 def _warm_up(predictor) -> None:
     import numpy as np
 
-    with torch.inference_mode():
-        predictor.predict_batch([np.zeros((28, 28), np.uint8)])
+    predictor.predict_batch([np.zeros((28, 28), np.uint8)])
 
 
 def _model_info(predictor, s: Settings) -> dict:
@@ -170,7 +158,7 @@ def _model_info(predictor, s: Settings) -> dict:
         reasons=REASON_TEXTS,
         generic_reason=GENERIC_REASON,
         limits={"max_body_bytes": s.max_body, "max_pixels": s.max_pixels, "max_batch": s.max_batch,
-                "max_concurrency": s.max_concurrency, "threads": s.threads},
+                "max_concurrency": s.max_concurrency, "max_uploads": s.max_uploads, "threads": s.threads},
     )
     return info
 
@@ -178,7 +166,8 @@ def _model_info(predictor, s: Settings) -> dict:
 # --- prediction routes -------------------------------------------------------------------------------------
 
 class _PredictRoute(APIRoute):
-    """Checks the content type and takes an in-flight slot *before* FastAPI reads the body."""
+    """Checks the content type and takes an upload slot *before* FastAPI reads the body; watches the body
+    arrive (:class:`~fmnist.serve.limits.BodyWatch`)."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
@@ -189,12 +178,21 @@ class _PredictRoute(APIRoute):
                 shown = repr(ctype[:80]) if ctype else "none"
                 raise HTTPException(415, f"unsupported content type ({shown}): send the image as "
                                          "multipart/form-data in a field named 'file'")
-            gate: Gate = request.app.state.gate
-            gate.enter()
+            uploads: Gate = request.app.state.uploads
+            uploads.enter()
+            watch = BodyWatch(request.receive, multipart_boundary(ctype), uploads.leave)
             try:
-                return await handler(request)
+                return await handler(Request(request.scope, watch.receive))
+            except HTTPException as e:
+                if isinstance(e.__cause__, ClientDisconnect):  # nobody left to answer
+                    return Response(status_code=400)
+                if isinstance(e.__cause__, OSError):  # storing the upload failed: the server's fault
+                    log.error("cannot store an upload", exc_info=e.__cause__)
+                    raise HTTPException(503, "the server cannot store uploads at the moment (disk full?); "
+                                             "retry later", headers={"Retry-After": "10"}) from None
+                raise
             finally:
-                gate.leave()
+                watch.end()
 
         return guarded
 
@@ -210,6 +208,10 @@ def _predict_router() -> APIRouter:
     async def predict(request: Request, file: Annotated[UploadFile, File(description=IMAGE_FIELD)]) -> Response:
         """The best guess (`label`, `score`), whether it is `accepted` and, if not, the `reason`; the top
         classes; and `input_png`, the 28x28 image the model saw (base64 PNG)."""
+        count = len((await request.form()).getlist("file"))  # parsed already: FastAPI's copy
+        if count > 1:
+            raise HTTPException(400, f"{count} 'file' fields: /api/predict classifies one image; send several "
+                                     "to /api/predict/batch")
         results = await _classify(request.app, [file])
         return _json(results[0])
 
@@ -230,11 +232,19 @@ def _predict_router() -> APIRouter:
 
 
 async def _classify(app: FastAPI, files: list[UploadFile]) -> list[dict]:
-    uploads = [((f.filename or "upload")[:100], await f.read()) for f in files]
+    """The results for a request whose body is in: it takes an in-flight slot now (503 when none is free)."""
+    gate: Gate = app.state.gate
+    gate.enter()
     try:
+        uploads = []
+        for f in files:
+            uploads.append(((f.filename or "upload")[:100], await f.read()))
+            await f.close()  # its spooled copy is no longer needed: free it now, not after the answer
         return await app.state.batcher.submit(uploads)
     except UploadError as e:
         raise HTTPException(e.status, e.detail) from None
+    finally:
+        gate.leave()
 
 
 def _json(data) -> Response:

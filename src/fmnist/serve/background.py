@@ -4,7 +4,8 @@
         requests.get(url + "/api/health")
 
 The socket is bound here, on 127.0.0.1 and a free port, before the thread starts, so there is no race for
-the port; the context waits until the application has started (model loaded) and stops it on exit.
+the port; the context waits until the application has started (model loaded) and stops it on exit. The
+server runs with the same protocol and limits as ``fmnist serve`` (``config``: uvicorn settings to change).
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ def serve_in_thread(app, host: str = "127.0.0.1", startup_timeout: float = 30.0,
     """Yield the base URL (``http://127.0.0.1:PORT``) of ``app`` served by uvicorn on a thread."""
     import uvicorn
 
+    from fmnist.serve.protocol import uvicorn_config
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
     config.setdefault("log_level", "warning")
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **config))
+    server = uvicorn.Server(uvicorn_config(app, host, port, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fmnist-serve", daemon=True)
     thread.start()
     try:

@@ -1,42 +1,62 @@
-"""``fmnist serve RUN``: serve a run's model over HTTP (JSON API at /api, a page at /, OpenAPI at /docs)."""
+"""``fmnist serve RUN``: serve a run's model over HTTP (JSON API at /api, a page at /, OpenAPI at /openapi.json)."""
 from __future__ import annotations
 
 import argparse
-import ipaddress
 
-DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_body_mb": 8.0, "max_concurrency": 32, "threads": 1,
-            "max_batch": 32}
+from fmnist.serve.settings import DEFAULTS, FIELDS, Settings, body_bytes, default_allowed_hosts, is_loopback
+
+HOST, PORT = "127.0.0.1", 8000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
     p.add_argument("run", help="run folder holding model.safetensors and model.json")
-    p.add_argument("--host", default=DEFAULTS["host"],
-                   help=f"address to listen on; 0.0.0.0 exposes the server to the network "
-                        f"(default: {DEFAULTS['host']})")
-    p.add_argument("--port", type=int, default=DEFAULTS["port"], help=f"TCP port (default: {DEFAULTS['port']})")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--host", default=HOST,
+                   help=f"address to listen on; 0.0.0.0 exposes the server to the network (default: {HOST})")
+    p.add_argument("--port", type=int, default=PORT, help=f"TCP port (default: {PORT})")
+    p.add_argument("--threshold", type=float, default=d.threshold,
                    help="refuse answers under this confidence, 0-1 (default: the run's own, shown by "
                         "GET /api/model)")
-    p.add_argument("--ood-threshold", type=float, default=None,
+    p.add_argument("--ood-threshold", type=float, default=d.ood_threshold,
                    help="refuse images whose out-of-distribution score is above this, for runs with an OOD "
                         "detector (default: the run's own)")
-    p.add_argument("--max-body-mb", type=float, default=DEFAULTS["max_body_mb"],
+    p.add_argument("--max-body-mb", type=float, default=d.max_body / 1e6,
                    help=f"largest request body in MB (10^6 bytes); larger ones get 413 "
-                        f"(default: {DEFAULTS['max_body_mb']:g})")
-    p.add_argument("--max-pixels", type=int, default=None,
-                   help="largest image in pixels (width*height), checked before decoding "
-                        "(default: 40,000,000)")
-    p.add_argument("--max-concurrency", type=int, default=DEFAULTS["max_concurrency"],
-                   help=f"prediction requests in progress at once; more get 503 with Retry-After "
-                        f"(default: {DEFAULTS['max_concurrency']})")
-    p.add_argument("--max-batch", type=int, default=DEFAULTS["max_batch"],
-                   help=f"images per /api/predict/batch request (default: {DEFAULTS['max_batch']})")
-    p.add_argument("--threads", type=int, default=DEFAULTS["threads"],
-                   help=f"inference worker threads, each running PyTorch on one thread "
-                        f"(default: {DEFAULTS['threads']})")
+                        f"(default: {d.max_body / 1e6:g})")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"largest image in pixels (width*height), checked before decoding "
+                        f"(default: {d.max_pixels:,})")
+    p.add_argument("--max-concurrency", type=int, default=d.max_concurrency,
+                   help=f"prediction requests in progress at once, counted from when their body is in; more "
+                        f"get 503 with Retry-After (default: {d.max_concurrency})")
+    p.add_argument("--max-uploads", type=int, default=d.max_uploads,
+                   help=f"prediction requests receiving their body at once; more get 503 "
+                        f"(default: {d.max_uploads})")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help=f"open connections; more are answered 503 and closed (default: {d.max_connections})")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"images per /api/predict/batch request (default: {d.max_batch})")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help=f"inference worker threads, each running the model on one thread (default: {d.threads})")
     from fmnist.backends import add_backend_flag
 
     add_backend_flag(p)
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help=f"seconds a client has to send a request's headers, from connecting or from the "
+                        f"request's first byte; then 408 and the connection is closed "
+                        f"(default: {d.header_timeout:g})")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help=f"seconds a client has to send a request's body once its headers are in; then 408 "
+                        f"(default: {d.body_timeout:g})")
+    p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
+                   help=f"seconds an idle keep-alive connection stays open (default: {d.keep_alive_timeout:g})")
+    p.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
+                   help="Host header values the server answers (any port), against DNS rebinding; '*' for any "
+                        "(default: the --host address and localhost, 127.0.0.1, [::1]; with --host 0.0.0.0, "
+                        "the machine's names instead of the address)")
+    p.add_argument("--docs", action="store_true",
+                   help="serve Swagger UI at /docs; it loads its script from cdn.jsdelivr.net (default: off; "
+                        "the OpenAPI description is always at /openapi.json)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default: info)")
     p.add_argument("--access-log", default=True, action=argparse.BooleanOptionalAction,
@@ -46,22 +66,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def register(sub, formatter_class) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP: JSON API and a web page",
                        formatter_class=formatter_class,
-                       description="Serve RUN's model: the page at /, the JSON API under /api, OpenAPI at /docs.")
+                       description="Serve RUN's model: the page at /, the JSON API under /api, OpenAPI at "
+                                   "/openapi.json (and /docs with --docs).")
     add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
 
-def check_args(args) -> None:
-    """Refuse bad settings with a clear message before anything starts."""
+def settings_from_args(args) -> Settings:
+    """The server's settings from the command line; ``ValueError`` naming the flag for a bad value."""
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise ValueError(f"--threshold must be between 0 and 1, got {args.threshold}")
-    for flag in ("max_body_mb", "max_concurrency", "threads", "max_batch"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be > 0")
-    if args.max_pixels is not None and args.max_pixels <= 0:
-        raise ValueError("--max-pixels must be > 0")
+    values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    values["max_body"] = body_bytes(args.max_body_mb)
+    hosts = args.allowed_hosts
+    values["allowed_hosts"] = (tuple(h for h in hosts.split(",") if h.strip()) if hosts is not None
+                               else default_allowed_hosts(args.host))
+    return Settings(run_dir=args.run, **values)
 
 
 def check_run(run) -> None:
@@ -72,35 +92,26 @@ def check_run(run) -> None:
 
 
 def cmd_serve(args) -> int:
-    check_args(args)
+    settings = settings_from_args(args)
     check_run(args.run)
     import logging
 
     import uvicorn
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-
-    from fmnist.images import MAX_PIXELS
     from fmnist.serve.app import create_app
+    from fmnist.serve.protocol import uvicorn_config
 
-    app = create_app(args.run, max_body=int(args.max_body_mb * 1_000_000),
-                     max_pixels=args.max_pixels or MAX_PIXELS, max_concurrency=args.max_concurrency,
-                     threshold=args.threshold, ood_threshold=args.ood_threshold, threads=args.threads,
-                     max_batch=args.max_batch, backend=args.backend)
-    if not _is_loopback(args.host):
-        print(f"note: listening on {args.host}: the server is reachable from other machines", flush=True)
-    print(f"serving {args.run} at http://{_url_host(args.host)}:{args.port}/ (API docs at /docs)", flush=True)
-    # uvicorn's own limits back ours up: idle keep-alive connections are closed after 5 s.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
-                timeout_keep_alive=5, timeout_graceful_shutdown=10)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    values = {name: getattr(settings, name) for name in FIELDS}
+    app = create_app(settings.run_dir, **values)
+    if not is_loopback(args.host):
+        print(f"note: listening on {args.host}: the server is reachable from other machines; it answers "
+              f"requests for {', '.join(settings.allowed_hosts)} (--allowed-hosts)", flush=True)
+    docs = " (API docs at /docs)" if settings.docs else ""
+    print(f"serving {args.run} at http://{_url_host(args.host)}:{args.port}/{docs}", flush=True)
+    config = uvicorn_config(app, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
+    uvicorn.Server(config).run()
     return 0
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _url_host(host: str) -> str:

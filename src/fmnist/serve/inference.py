@@ -1,28 +1,42 @@
-"""The blocking part of prediction requests, run on a worker thread: decode, predict, shape the JSON.
+"""The blocking part of prediction requests, run on worker threads: decode, prepare, predict, shape the JSON.
 
-Kept free of any web framework so the benchmark can time exactly what a request costs the server.
+Kept free of any web framework so the benchmark can time exactly what a request costs the server. Two steps,
+each isolating failures to the image or request they belong to:
+
+* :func:`prepare_upload`, one upload at a time: decode it and bring it to the 28x28 image the model sees,
+  releasing the decoded image before the next one is touched, so a request's memory is one decoded image
+  at most, however many it sends;
+* :func:`classify_batch`: one model call for the prepared images of several requests.
+
+Only the upload's own faults (:class:`~fmnist.images.ImageError`: undecodable, too large, unsupported) are
+a 4xx; running out of memory on an image is its own 413; anything else is a bug, logged with its traceback
+and answered 500, for that request alone.
 """
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
+import functools
 import logging
 import math
 import struct
+import sys
 import zlib
 
 import numpy as np
-import torch
 
 from fmnist.images import ImageError, decode_image
 
 log = logging.getLogger("fmnist.serve")
 
-# What preparing a decoded image for the model may raise when the image is at fault (odd modes, arrays).
-_PREPARE_ERRORS = (ImageError, ValueError, OSError)
+#: After preparing an image of at least this many pixels, freed memory is handed back to the system.
+TRIM_PIXELS = 4_000_000
+INTERNAL_ERROR = "internal server error while processing the image; please report it"
 
 
 class UploadError(Exception):
-    """A user's upload could not be used; ``status`` is the HTTP status to answer with."""
+    """A request that cannot be answered normally; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, status: int, detail: str):
         super().__init__(detail)
@@ -30,65 +44,72 @@ class UploadError(Exception):
         self.detail = detail
 
 
-def run_batch(predictor, requests: list[list[tuple[str, bytes]]], max_pixels: int) -> list:
-    """Serve several requests with one model call: for each request, its list of API-ready dicts, or the
-    :class:`UploadError` of its first bad upload (a bad upload fails its own request, not the others).
-
-    A request is a list of (name, bytes) uploads: one for /api/predict, several for /api/predict/batch.
-    """
-    outcomes: list = [_decode_all(uploads, max_pixels) for uploads in requests]
-    good = [k for k, o in enumerate(outcomes) if not isinstance(o, UploadError)]
+def prepare_upload(predictor, data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode one upload and prepare it: the uint8 (28, 28) image the model sees. Raises what failed."""
+    image = decode_image(data, max_pixels=max_pixels)
+    pixels = image.width * image.height
     try:
-        results = _classify(predictor, [img for k in good for img in outcomes[k]])
-    except _PREPARE_ERRORS:
-        # Rare: an image decoded but could not be prepared. Redo one image at a time to find it, so that
-        # only its own request fails.
-        for k in good:
-            outcomes[k] = _classify_one_by_one(predictor, requests[k], outcomes[k])
-        return outcomes
-    start = 0
-    for k in good:
-        n = len(outcomes[k])
-        outcomes[k] = results[start:start + n]
-        start += n
-    return outcomes
+        return predictor.to_image28(image)
+    finally:
+        image.close()
+        del image
+        if pixels >= TRIM_PIXELS:
+            release_memory()
 
 
-def _classify(predictor, images) -> list[dict]:
-    if not images:
-        return []
-    with torch.inference_mode():  # no autograd bookkeeping: faster, and nothing kept alive between calls
-        return [to_api(r) for r in predictor.predict_batch(images, return_image=True)]
-
-
-def _classify_one_by_one(predictor, uploads, images):
-    results = []
-    for i, image in enumerate(images):
-        try:
-            results += _classify(predictor, [image])
-        except _PREPARE_ERRORS as e:
-            return _upload_error(e, uploads[i][0], many=len(uploads) > 1, index=i)
-    return results
-
-
-def _decode_all(uploads: list[tuple[str, bytes]], max_pixels: int):
-    """The decoded images of one request, or the UploadError of its first bad upload."""
-    images = []
-    for i, (name, data) in enumerate(uploads):
-        try:
-            images.append(decode_image(data, max_pixels=max_pixels))
-        except _PREPARE_ERRORS as e:
-            return _upload_error(e, name, many=len(uploads) > 1, index=i)
-    return images
-
-
-def _upload_error(e: Exception, name: str, many: bool, index: int) -> UploadError:
+def upload_error(e: BaseException, name: str, many: bool, index: int) -> UploadError:
+    """The answer to a request whose upload ``index`` (named ``name``) failed with ``e``."""
     where = f"file {index + 1} ({name!r}): " if many else ""
     if isinstance(e, ImageError):
         return UploadError(e.status, where + str(e))
-    log.warning("cannot process upload %r: %s", name, e, exc_info=e)
-    return UploadError(400, f"{where}cannot process the image ({type(e).__name__}); please try another file "
-                            "or format")
+    if isinstance(e, MemoryError):
+        log.warning("out of memory on upload %r", name)
+        return UploadError(413, where + "the image is too large to process; please upload a smaller image")
+    log.error("error while preparing upload %r", name, exc_info=e)
+    return UploadError(500, where + INTERNAL_ERROR)
+
+
+def classify_batch(predictor, requests: list[list[np.ndarray]]) -> list:
+    """One model call for several requests' prepared images: for each request, its list of API-ready dicts,
+    or an :class:`UploadError` (500) if the model fails on it. When the call fails, each request is retried
+    alone, so that only the one the model fails on is answered 500."""
+    try:
+        results = classify(predictor, [img for images in requests for img in images])
+    except Exception as e:  # noqa: BLE001 - a bug: find whose request it is
+        if len(requests) == 1:
+            log.error("error in the model call", exc_info=e)
+            return [UploadError(500, INTERNAL_ERROR)]
+        return [classify_batch(predictor, [images])[0] for images in requests]
+    outcomes, start = [], 0
+    for images in requests:
+        outcomes.append(results[start:start + len(images)])
+        start += len(images)
+    return outcomes
+
+
+def classify(predictor, images28: list[np.ndarray]) -> list[dict]:
+    """API results for prepared images (no second preparation)."""
+    return [to_api(r) for r in predictor.predict_prepared(images28, return_image=True)]
+
+
+# --- memory -------------------------------------------------------------------------------------------------
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc only
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise: after a batch of large images the
+    server held 5 GB it no longer used). A no-op where the C library is not glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # --- the JSON -----------------------------------------------------------------------------------------------
@@ -122,7 +143,7 @@ def jsonable(v):
         return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [jsonable(x) for x in v]
-    if isinstance(v, (np.ndarray, torch.Tensor)):
+    if isinstance(v, np.ndarray) or hasattr(v, "detach"):  # arrays, and tensors without importing PyTorch
         return jsonable(v.tolist())
     if isinstance(v, np.generic):
         return jsonable(v.item())
@@ -134,7 +155,8 @@ def jsonable(v):
 # --- the model ----------------------------------------------------------------------------------------------
 
 def single_threaded_compute() -> None:
-    """One thread for PyTorch and for NumPy's BLAS in this process, as the server runs them.
+    """One thread for PyTorch and for NumPy's BLAS in this process, as the server runs them (call it once the
+    model is loaded: ONNX Runtime sets its own threads per session).
 
     A 28x28 image gains nothing from intra-op parallelism, and idle pool threads spin: under load (3,000
     requests at 16 clients) NumPy's BLAS helper thread alone burned 5.6 s of CPU for the OOD scores' small
@@ -142,5 +164,8 @@ def single_threaded_compute() -> None:
     """
     from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(1)
     threadpool_limits(1, user_api="blas")
+    if "torch" in sys.modules:  # the PyTorch backend (a server on ONNX Runtime never imports it)
+        torch = sys.modules["torch"]
+        torch.set_num_threads(1)
+        torch.set_flush_denormal(True)  # denormal floats can slow CPU kernels many times over

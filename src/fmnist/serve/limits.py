@@ -1,12 +1,87 @@
-"""Request limits that protect the server: body size (checked while streaming) and in-flight requests.
+"""Request limits that protect the server, as ASGI middleware and helpers: the Host allow-list, body size
+(checked while streaming), the multipart body's end, requests in flight, and a JSON answer for any error.
 
-Both answer with JSON ``{"detail": "..."}`` like every other error of the API.
+All answer with JSON ``{"detail": "..."}`` like every other error of the API. (Limits on the connection
+itself, such as header size and timeouts, are in :mod:`fmnist.serve.protocol`.)
 """
 from __future__ import annotations
 
+import email.message
 import json
+import logging
 
 from starlette.exceptions import HTTPException
+
+from fmnist.serve.settings import host_of
+
+log = logging.getLogger("fmnist.serve")
+
+
+async def send_json(send, status: int, detail: str, headers=()) -> None:
+    """Answer with ``{"detail": detail}``; ``headers``: extra (name, value) byte pairs."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class JsonErrors:
+    """Outermost middleware: an exception no one handled becomes a logged JSON 500 for its own request only.
+
+    (Starlette's own last-resort handler answers too, but then re-raises, and uvicorn drops the connection.)
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started |= message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:  # half an answer is out: only closing the connection can tell the client
+                raise
+            log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            await send_json(send, 500, "internal server error")
+
+
+class HostAllowList:
+    """Answer only requests whose ``Host`` is one of ``hosts`` (any port), else 400.
+
+    A web page cannot make a browser send a foreign Host header, so this stops DNS rebinding: a page on
+    attacker.example whose name is re-pointed at 127.0.0.1 still sends ``Host: attacker.example``.
+    ``"*"`` among the hosts turns the check off.
+    """
+
+    def __init__(self, app, hosts):
+        self.app = app
+        self.hosts = frozenset(hosts)
+        self.any = "*" in self.hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.any:
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope.get("headers", ()) if k == b"host"), None)
+        if header is None:
+            await send_json(send, 400, "missing Host header")
+            return
+        host = host_of(header.decode("latin-1"))
+        if host not in self.hosts:
+            await send_json(send, 400, f"host {host[:100]!r} is not served here: this server answers to "
+                                       f"{', '.join(sorted(self.hosts))} (see --allowed-hosts)")
+            return
+        await self.app(scope, receive, send)
 
 
 class BodyTooLarge(HTTPException):
@@ -68,12 +143,7 @@ class BodySizeLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send):
-        body = json.dumps({"detail": _too_large_text(self.max_body)}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, _too_large_text(self.max_body), [(b"connection", b"close")])
 
 
 def _content_length(scope) -> int | None:
@@ -87,21 +157,67 @@ def _content_length(scope) -> int | None:
 
 
 class Gate:
-    """Counts requests in flight on the predict endpoints; refuses new ones past ``limit``.
+    """Counts requests in some stage (``what``: "predictions", "uploads"); refuses new ones past ``limit``.
 
     Everything runs on the event loop thread, so a plain counter is race-free.
     """
 
-    def __init__(self, limit: int, retry_after: int = 1):
+    def __init__(self, limit: int, what: str = "predictions", retry_after: int = 1):
         self.limit = int(limit)
+        self.what = what
         self.retry_after = int(retry_after)
         self.active = 0
 
     def enter(self) -> None:
         if self.active >= self.limit:
-            raise HTTPException(503, f"server busy: {self.limit} predictions already in progress; retry in "
+            raise HTTPException(503, f"server busy: {self.limit} {self.what} already in progress; retry in "
                                      f"{self.retry_after} s", headers={"Retry-After": str(self.retry_after)})
         self.active += 1
 
     def leave(self) -> None:
         self.active -= 1
+
+
+def multipart_boundary(content_type: str) -> bytes | None:
+    """The ``boundary`` parameter of a multipart Content-Type, or None."""
+    message = email.message.Message()
+    message["content-type"] = content_type
+    boundary = message.get_param("boundary")
+    return boundary.encode("latin-1") if isinstance(boundary, str) and boundary else None
+
+
+class BodyWatch:
+    """Follows a multipart body as it arrives (wraps ``receive``): calls ``on_end`` once when it has all
+    come in (or the client left), and refuses it with 400 if it ends without its closing boundary.
+
+    (The multipart parser accepts such a body, and the request then fails later as a missing field: 422.)
+    """
+
+    def __init__(self, receive, boundary: bytes | None, on_end):
+        self._receive = receive
+        self._close = b"--" + boundary + b"--" if boundary else None
+        self._seen = self._close is None
+        self._tail = b""
+        self._on_end = on_end
+
+    async def receive(self):
+        message = await self._receive()
+        if message["type"] != "http.request":
+            self.end()
+            return message
+        body = message.get("body", b"")
+        if not self._seen and body:
+            window = self._tail + body
+            self._seen = self._close in window
+            self._tail = window[-(len(self._close) - 1):]
+        if not message.get("more_body", False):
+            self.end()
+            if not self._seen:
+                raise HTTPException(400, "malformed multipart body: it ends without its closing boundary "
+                                         f"('--{self._close[2:-2].decode('latin-1')[:80]}--')")
+        return message
+
+    def end(self) -> None:
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end()
