@@ -70,3 +70,89 @@ def test_evaluate_and_predict_commands_on_the_onnx_backend(exported, synthetic_d
 def test_unknown_backend_is_refused(exported):
     with pytest.raises(ValueError, match="unknown backend"):
         Predictor.from_run(exported, backend="tensorrt")
+
+
+# --- a deployment without PyTorch ----------------------------------------------------------------------------
+
+# Runs a module as `python -m`, with PyTorch made unimportable first (as in an environment without it).
+NO_TORCH = ("import runpy, sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError('PyTorch is not installed here')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+def _no_torch(module: str, *args: str, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", NO_TORCH, module, *args], **kw)
+
+
+def _png(img) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(img, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_predict_without_pytorch(exported, synthetic_data, tmp_path):
+    import subprocess
+
+    files = []
+    for i, img in enumerate(_images(synthetic_data)[::8]):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(_png(img))
+    proc = _no_torch("fmnist.cli", "predict", str(exported), *map(str, files), "--backend", "onnx",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    got = [json.loads(line) for line in out.splitlines()]
+    want = Predictor.from_run(exported, backend="torch").predict_batch([f.read_bytes() for f in files])
+    assert [(g["label"], g["verdict"], g["reason"]) for g in got] == [(w["label"], w["verdict"], w["reason"])
+                                                                     for w in want]
+
+
+@pytest.mark.slow
+def test_server_without_pytorch_answers_and_refuses(exported, synthetic_data):
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _no_torch("fmnist.serve", str(exported), "--port", str(port), "--backend", "onnx",
+                     "--log-level", "warning", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                urllib.request.urlopen(url + "/api/health", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        info = httpx.get(url + "/api/model").json()
+        assert info["backend"] == "onnx"
+        images = _images(synthetic_data)
+        want = Predictor.from_run(exported, backend="torch").predict_batch(images)
+        for img, w in zip(images, want):
+            r = httpx.post(url + "/api/predict", files={"file": ("x.png", _png(img), "image/png")}).json()
+            assert (r["label"], r["verdict"], r["reason"]) == (w["label"], w["verdict"], w["reason"])
+            assert r["score"] == pytest.approx(w["score"], abs=1e-5)
+        assert any(w["reason"] == "out_of_distribution" for w in want)  # noise and turned garments refused
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -18,9 +18,12 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 FILES = {
     "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
@@ -145,7 +148,7 @@ def read_idx(path, expected_sha256: str | None = None) -> np.ndarray:
 
 def write_idx(path, array) -> None:
     """Write a 1-D (labels) or 3-D (images) uint8 IDX file, gzipped if ``path`` ends in ``.gz``."""
-    a = array.numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    a = array.numpy() if hasattr(array, "numpy") and not isinstance(array, np.ndarray) else np.asarray(array)
     if a.ndim not in (1, 3):
         raise ValueError(f"IDX arrays here are 1-D labels or 3-D images, got shape {a.shape}")
     if a.dtype != np.uint8:
@@ -255,7 +258,7 @@ def download(dest_dir, mirror: str | None = None, names=None, progress=None,
 
 
 @dataclass
-class FashionMNIST:
+class FashionMNIST:  # PyTorch tensors: training works on them (reading IDX files for `predict` needs no PyTorch)
     train_images: torch.Tensor  # uint8 (60000, 28, 28)
     train_labels: torch.Tensor  # int64 (60000,)
     test_images: torch.Tensor  # uint8 (10000, 28, 28)
@@ -284,6 +287,8 @@ def load_fashion_mnist(data_dir=None, download: bool = True, verify: bool = True
             raise _fail(f"{lab_path}: {labels.shape} labels for {len(images)} images in {img_path}.")
         if labels.size and labels.max() > 9:
             raise _fail(f"{lab_path}: label {labels.max()} outside the 10 classes 0..9.")
+    import torch
+
     return FashionMNIST(
         train_images=torch.from_numpy(arrays["train_images"]),
         train_labels=torch.from_numpy(arrays["train_labels"].astype(np.int64)),
@@ -296,6 +301,8 @@ def load_fashion_mnist(data_dir=None, download: bool = True, verify: bool = True
 
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split indices into (train_idx, val_idx), each class in proportion, deterministic for ``seed``."""
+    import torch
+
     labels = torch.as_tensor(labels).reshape(-1)
     n = len(labels)
     if not 0 <= val_size < n:

@@ -90,9 +90,9 @@ def evaluate_run(run_dir, data=None, tta: bool | None = None, limit: int | None 
     """Evaluate a run folder's model on the official test set and write RUN/metrics.json.
 
     ``backend``: torch, onnx or auto (:meth:`fmnist.run.Run.backend`); the metrics record which one ran."""
-    from fmnist.checkpoint import write_json
     from fmnist.data import load_fashion_mnist
     from fmnist.run import Run
+    from fmnist.runfiles import write_json
 
     dev = runtime.setup(threads, device)
     run = Run.load(run_dir, detector=False)

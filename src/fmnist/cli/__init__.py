@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from fmnist.checkpoint import CheckpointError
     from fmnist.data import DataError
+    from fmnist.runfiles import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:

@@ -79,7 +79,7 @@ def cmd_train(args) -> int:
     from fmnist.train import resolve_config, train
 
     if args.resume:
-        from fmnist.checkpoint import read_json
+        from fmnist.runfiles import read_json
 
         saved = read_json(Path(args.resume) / "config.json")
         data = load_fashion_mnist(args.data_dir or saved.get("data_dir"), verify=not args.no_verify)

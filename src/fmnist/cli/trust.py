@@ -93,9 +93,9 @@ def cmd_calibrate(args) -> int:
 
 def cmd_ood_eval(args) -> int:
     from fmnist import runtime
-    from fmnist.checkpoint import write_json
     from fmnist.data import load_fashion_mnist
     from fmnist.predict import Predictor
+    from fmnist.runfiles import write_json
     from fmnist.trust import eval_sets
     from fmnist.trust.evaluation import evaluate_sets, format_ood_table
 

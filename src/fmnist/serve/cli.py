@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     """``python -m fmnist.serve RUN ...``: the same command without the rest of the CLI."""
     import sys
 
-    from fmnist.checkpoint import CheckpointError
+    from fmnist.runfiles import CheckpointError
 
     p = argparse.ArgumentParser(prog="python -m fmnist.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

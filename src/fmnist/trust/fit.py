@@ -12,15 +12,17 @@ The test split is never used here.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from fmnist.forward import TorchBackend, forward, probabilities
 from fmnist.preprocess import preprocess
 from fmnist.run import Run
 from fmnist.trust import conformal
-from fmnist.trust.calibration import calibrate
 from fmnist.trust.conformal import DEFAULT_COVERAGE
 from fmnist.trust.ood import DEFAULT_PARTS, DEFAULT_TARGET, Detector, pixels01
+
+if TYPE_CHECKING:  # PyTorch is imported where a fit runs: the command line reads this module's settings without it
+    import torch
 
 FIT_SIZE = 10_000  # training images that fit the OOD statistics (stratified sample): as good as 20,000, faster
 # What the fit costs, for a time budget to keep in hand (fmnist.train): two validation passes' worth of model
@@ -37,6 +39,8 @@ def cost_seconds(validation_seconds: float) -> float:
 
 def stratified_sample(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """Positions of about ``size`` items, the same fraction of each class (all if size >= len)."""
+    import torch
+
     if size <= 0 or size >= len(labels):
         return torch.arange(len(labels))
     gen = torch.Generator().manual_seed(seed)
@@ -50,6 +54,8 @@ def stratified_sample(labels: torch.Tensor, size: int, seed: int = 0) -> torch.T
 
 def run_outputs(run: Run, backend, images: torch.Tensor):
     """(features, logits, pixels in [0, 1]) of uint8 (N, 28, 28) images, as the Predictor computes them."""
+    import torch
+
     feats, logits = forward(backend, preprocess(images, run.spec), tta=run.tta)
     return torch.from_numpy(feats), torch.from_numpy(logits), pixels01(images)
 
@@ -58,6 +64,10 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
               fit_size: int = FIT_SIZE, device=None, seed: int = 0, coverage: float = DEFAULT_COVERAGE) -> dict:
     """Fit temperature, OOD detector and candidate sets (``coverage``) for the model in ``run_dir`` on its own
     split; return a summary."""
+    import torch
+
+    from fmnist.trust.calibration import calibrate
+
     run = Run.load(run_dir, detector=False)
     train_idx, val_idx = run.split(data.train_labels)
     if len(val_idx) < 20:

@@ -9,7 +9,7 @@ import os
 import warnings
 from pathlib import Path
 
-from fmnist.checkpoint import _atomic, write_json
+from fmnist.runfiles import _atomic, write_json
 
 MARKER = "tune_trial.json"  # written once the storage has a trial's outcome: `fmnist compare` trusts only these
 FIGURES = ("history", "importances", "learning_rate")

@@ -277,8 +277,8 @@ def work(s: Settings, worker: int = 0, log=print) -> int:
 
 
 def _worker_main(s: Settings, worker: int) -> None:
-    from fmnist.checkpoint import CheckpointError
     from fmnist.data import DataError
+    from fmnist.runfiles import CheckpointError
 
     try:
         work(s, worker, log=lambda msg: print(f"[worker {worker}] {msg}", flush=True))
