@@ -19,10 +19,10 @@ from fmnist.trust import eval_sets  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, trained_run):
+def exported(tmp_path_factory, trained_run, synthetic_data):
     run = shutil.copytree(trained_run, tmp_path_factory.mktemp("backends") / "run",
                           ignore=shutil.ignore_patterns("metrics.json", "model*.onnx"))
-    export_onnx(run)
+    export_onnx(run, int8=True, data=synthetic_data, calibration_images=96)
     return run
 
 
@@ -65,6 +65,12 @@ def test_evaluate_and_predict_commands_on_the_onnx_backend(exported, synthetic_d
     assert main(["predict", str(exported), str(idx_dir / "t10k-images-idx3-ubyte"), "--backend", "onnx"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == len(synthetic_data.test_labels) and all("label" in r for r in lines)
+
+
+def test_int8_backend_evaluates_close_to_fp32(exported, synthetic_data):
+    fp32 = evaluate_run(exported, data=synthetic_data, write=False, threads=1, backend="onnx")
+    int8 = evaluate_run(exported, data=synthetic_data, write=False, threads=1, backend="onnx-int8")
+    assert int8["backend"] == "onnx-int8" and abs(int8["accuracy"] - fp32["accuracy"]) <= 0.03
 
 
 def test_unknown_backend_is_refused(exported):

@@ -20,14 +20,15 @@ OUTPUTS = ("features", "logits")
 INSTALL_HINT = "pip install onnxruntime (or: pip install 'fmnist[serve]')"
 
 
-BACKENDS = ("torch", "onnx", "auto")
+BACKENDS = ("torch", "onnx", "onnx-int8", "auto")
 
 
 def add_backend_flag(p) -> None:
     """The ``--backend`` flag of predict, evaluate and serve."""
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="inference engine: torch (PyTorch), onnx (ONNX Runtime on RUN/model.onnx, written by "
-                        "`fmnist export`), auto (onnx where exported and installed, else torch) (default: auto)")
+                        "`fmnist export`), onnx-int8 (RUN/model.int8.onnx, `fmnist export --int8`), auto (onnx "
+                        "where exported and installed, else torch) (default: auto)")
 
 
 class MissingDependency(CheckpointError):
@@ -61,6 +62,7 @@ class OnnxBackend:
 
     def __init__(self, path, threads: int = 1, spinning: bool = False, meta: dict | None = None):
         self.path = Path(path)
+        self.name = "onnx-int8" if self.path.name == INT8 else "onnx"
         if not onnxruntime_available():
             raise MissingDependency(f"{self.path}: the onnx backend needs ONNX Runtime: {INSTALL_HINT}")
         if meta is None:  # the run folder's model.json, read and checked by the one loader

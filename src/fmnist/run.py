@@ -118,15 +118,27 @@ class Run:
     def backend(self, kind: str = "torch", device="cpu", fold_bn: bool = False, threads: int = 1):
         """The run's model as an inference backend (:mod:`fmnist.forward`): ``torch`` (PyTorch, BatchNorm
         optionally folded), ``onnx`` (ONNX Runtime on ``RUN/model.onnx``, see ``fmnist export``; ``threads``
-        intra-op threads) or ``auto`` (ONNX Runtime where the run was exported and onnxruntime is installed)."""
-        from fmnist.backends import BACKENDS, FP32, OnnxBackend, onnxruntime_available
+        intra-op threads), ``onnx-int8`` (``RUN/model.int8.onnx``) or ``auto`` (ONNX Runtime where the run was exported and onnxruntime is installed)."""
+        from fmnist.backends import (
+            BACKENDS,
+            FP32,
+            INT8,
+            MissingDependency,
+            OnnxBackend,
+            importable,
+            onnxruntime_available,
+        )
 
         if kind not in BACKENDS:
             raise ValueError(f"unknown backend {kind!r}; choose one of: {', '.join(BACKENDS)}")
         if kind == "auto":
             kind = "onnx" if (self.path / FP32).is_file() and onnxruntime_available() else "torch"
-        if kind == "onnx":
-            return OnnxBackend(self.path / FP32, threads=threads, meta=self.meta)
+        if kind in ("onnx", "onnx-int8"):
+            return OnnxBackend(self.path / (FP32 if kind == "onnx" else INT8), threads=threads, meta=self.meta)
+        if not importable("torch"):
+            raise MissingDependency(f"{self.path}: PyTorch is not installed here, and the run has no {FP32} for "
+                                    f"ONNX Runtime: export it where PyTorch is (fmnist export {self.path}), or "
+                                    "install torch")
         from fmnist.forward import TorchBackend
 
         return TorchBackend(self.model(device), fold_bn=fold_bn)

@@ -51,8 +51,10 @@ class Settings:
             raise ValueError(f"--threshold must be between 0 and 1, got {self.threshold}")
         if self.ood_threshold is not None and not math.isfinite(self.ood_threshold):
             raise ValueError(f"--ood-threshold must be a finite number, got {self.ood_threshold}")
-        if self.backend not in ("torch", "onnx", "auto"):
-            raise ValueError(f"--backend must be torch, onnx or auto, got {self.backend!r}")
+        from fmnist.backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         hosts = tuple(normalize_host(h) for h in self.allowed_hosts)
         if not hosts or not all(hosts):
             raise ValueError(f"--allowed-hosts needs at least one host name, got {self.allowed_hosts!r}")
