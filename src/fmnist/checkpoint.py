@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fmnist.runfiles import CheckpointError, _atomic, read_json, write_json  # noqa: F401 (re-exported)
+from fmnist.runfiles import CheckpointError, _atomic, load_safetensors, read_json, write_json  # noqa: F401 (re-exported)
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -21,13 +21,7 @@ def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None =
 
 
 def load_tensors(path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} not found")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises several types for corrupt headers/data
-        raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
+    return load_safetensors(path, load_file)
 
 
 def save_state(path, state: dict) -> None:

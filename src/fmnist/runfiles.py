@@ -81,6 +81,12 @@ def load_arrays(path) -> dict:
     """A safetensors file as NumPy arrays; a clear CheckpointError for a missing or damaged file."""
     from safetensors.numpy import load_file
 
+    return load_safetensors(path, load_file)
+
+
+def load_safetensors(path, load_file) -> dict:
+    """``load_file(path)`` of a safetensors module (numpy or torch), with one clear error for a missing or
+    damaged file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
