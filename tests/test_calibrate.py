@@ -83,10 +83,11 @@ def test_train_stores_calibration_and_ood_with_the_model(trained_run):
 def test_calibrate_command_refits_a_run_without_trust(tmp_path, trained_run, idx_dir, capsys):
     run = shutil.copytree(trained_run, tmp_path / "run")
     meta = json.loads((run / "model.json").read_text())
-    del meta["calibration"], meta["ood"]  # as a run trained before calibration existed
+    del meta["calibration"], meta["ood"], meta["conformal"]  # as a run trained before calibration existed
     (run / "model.json").write_text(json.dumps(meta))
     (run / "ood.safetensors").unlink()
-    code = main(["calibrate", str(run), "--data-dir", str(idx_dir), "--no-verify", "--threads", "1"])
+    code = main(["calibrate", str(run), "--data-dir", str(idx_dir), "--no-verify", "--threads", "1",
+                 "--coverage", "0.9"])
     out = capsys.readouterr().out
     assert code == 0
     assert "validation" in out and "test" in out and "ECE" in out and "Brier" in out
@@ -94,3 +95,23 @@ def test_calibrate_command_refits_a_run_without_trust(tmp_path, trained_run, idx
     assert meta["calibration"]["temperature"] > 0 and "ece_after" in meta["calibration"]["test"]
     assert meta["ood"]["parts"] == list(DEFAULT_PARTS) and meta["ood"]["combine"] == "sum"
     assert (run / "ood.safetensors").is_file()
+    # The candidate sets, fitted for the coverage asked, measured on the test split and stored with the run.
+    sets = meta["conformal"]
+    assert sets["coverage"] == 0.9 and sets["n"] == 200  # the run's validation split
+    test = sets["test"]
+    assert test["n"] == 300 and 0 <= test["coverage"] <= 1 and test["mean_size"] >= 1
+    assert 0 <= test["singleton_share"] <= 1 and sum(b["count"] for b in test["by_size"]) == 300
+    table = out[out.index("candidate sets for 90 % coverage ("):].splitlines()
+    assert table[3].split()[:2] == ["validation", "200"] and table[4].split()[:2] == ["test", "300"]
+    assert f"{100 * test['coverage']:.2f} %" in table[4] and f"{test['mean_size']:.3f}" in table[4]
+
+
+@pytest.mark.parametrize("coverage", ["0", "1", "1.5", "-0.2", "nan"])
+def test_calibrate_refuses_a_coverage_outside_0_1_and_changes_nothing(tmp_path, trained_run, idx_dir, capsys,
+                                                                      coverage):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    before = (run / "model.json").read_bytes()
+    code = main(["calibrate", str(run), "--data-dir", str(idx_dir), "--no-verify", "--coverage", coverage])
+    assert code == 2
+    assert "--coverage must be strictly between 0 and 1" in capsys.readouterr().err
+    assert (run / "model.json").read_bytes() == before

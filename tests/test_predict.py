@@ -17,7 +17,7 @@ from fmnist.run import DEFAULT_CONFIDENCE
 
 # Copies of the shared trained run leave out files other tests may have added to it.
 FRESH = shutil.ignore_patterns("metrics.json")
-KEYS = {"label", "class_id", "score", "accepted", "reason", "top_k"}
+KEYS = {"label", "class_id", "score", "accepted", "reason", "verdict", "candidates", "top_k"}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,12 @@ def check_result(r: dict, predictor: Predictor, k: int = 3) -> None:
     assert top[0] == {"label": r["label"], "score": r["score"]}
     assert all(t["label"] in predictor.class_names for t in top)
     assert len({t["label"] for t in top}) == k
+    assert r["verdict"] in ("answer", "uncertain", "refused") and r["accepted"] == (r["verdict"] == "answer")
+    if r["verdict"] == "refused":
+        assert r["candidates"] is None  # naming garments for what is not one would pretend to know
+    elif r["candidates"] is not None:
+        assert r["candidates"][0] == {"label": r["label"], "score": r["score"]}
+        assert len(r["candidates"]) >= (2 if r["verdict"] == "uncertain" else 1)
     json.dumps({k: v for k, v in r.items() if k != "image"})  # what the CLI and server print
 
 
@@ -99,6 +105,41 @@ def test_low_confidence_is_refused(trained_run, images):
     assert r["accepted"] is False and r["reason"] == "low_confidence"
     lenient = fmnist.load(trained_run, confidence_threshold=0.0, ood_threshold=float("inf"))
     assert lenient.predict(images[0])["accepted"] is True
+
+
+def test_a_confident_image_gets_a_singleton(tmp_path, trained_run, images):
+    gates_off = {"ood_threshold": float("inf")}  # the confidence gate and the sets alone
+    p = fmnist.load(trained_run, **gates_off)
+    probs = p.analyse(images).probs
+    best = int(probs.max(1).argmax())
+    assert probs[best].max() >= p.confidence_threshold and probs[best].max() > p.run.conformal["qhat"]
+    r = p.predict(images[best])
+    check_result(r, p)
+    assert r["verdict"] == "answer" and r["candidates"] == [{"label": r["label"], "score": r["score"]}]
+    # The set comes from the run's conformal parameters: with a qhat of 1 the runner-up's score (the top
+    # label's probability) is within it, and the same confident answer has two candidates.
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=FRESH)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "conformal": {**meta["conformal"], "qhat": 1.0}}))
+    wide = fmnist.load(run, **gates_off).predict(images[best])
+    assert wide["verdict"] == "answer" and [c["label"] for c in wide["candidates"]] == [
+        t["label"] for t in wide["top_k"][:2]]
+
+
+def test_a_non_garment_is_refused_never_uncertain(trained_run, images):
+    from fmnist.trust import eval_sets
+
+    # Nothing reaches a 1.01 threshold: whatever passes the gates is hedged, so noise must be stopped by them.
+    hedging = fmnist.load(trained_run, confidence_threshold=1.01)
+    rng = np.random.default_rng(3)
+    noise = list(eval_sets.uniform_noise(10, rng)) + list(eval_sets.gaussian_noise(10, rng))
+    for r in hedging.predict_batch(noise):
+        check_result(r, hedging)
+        assert r["verdict"] == "refused" and r["candidates"] is None
+        assert r["reason"] in ("out_of_distribution", "blank")
+    # The same predictor does hedge a garment that passes the gates (so the above is no accident).
+    garments = [r for r in hedging.predict_batch(list(images)) if r["reason"] != "out_of_distribution"]
+    assert garments and all(r["verdict"] == "uncertain" and len(r["candidates"]) >= 2 for r in garments)
 
 
 def test_predict_batch_equals_single_predictions(predictor, images):

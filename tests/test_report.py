@@ -37,14 +37,19 @@ def noisy_data(synthetic_data):
     return dataclasses.replace(synthetic_data, test_labels=labels)
 
 
+UNSURE = 0.95  # the report's run's confidence threshold: the tiny model's raw scores leave many images under it
+
+
 @pytest.fixture(scope="module")
 def report(trained_run, noisy_data, tmp_path_factory) -> Path:
-    """The report of an uncalibrated run without metrics.json, built once for the module."""
+    """The report of an uncalibrated run without metrics.json, built once for the module; its confidence
+    threshold leaves test images "uncertain", so the candidate-set gallery has something to show."""
     run = Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("report") / "run",
                                ignore=shutil.ignore_patterns("metrics.json", "ood.safetensors")))
     meta = json.loads((run / "model.json").read_text())  # training calibrates and fits OOD: undo both here
     meta.pop("calibration", None)
     meta.pop("ood", None)
+    meta["thresholds"] = {"confidence": UNSURE}
     (run / "model.json").write_text(json.dumps(meta))
     return build_report(run, data=noisy_data, threads=1)
 
@@ -138,6 +143,60 @@ def test_report_has_a_model_card_and_says_when_uncalibrated(report, trained_run)
                    "No out-of-distribution detector", "low_confidence", "blank", "Most-confused pairs",
                    "Worst misclassifications", "Learning curves", "Machine"):
         assert needle in text, needle
+
+
+def test_report_shows_coverage_and_set_sizes_of_the_candidate_sets(report, noisy_data):
+    from fmnist.forward import probabilities
+    from fmnist.trust import conformal
+
+    run = Run.load(report.parent.parent)
+    assert run.conformal is not None  # training fits the sets
+    pred = predict_test(run, noisy_data, threads=1)
+    probs = probabilities(pred["logits"], run.temperature)
+    m = conformal.set_metrics(conformal.candidate_sets(probs, run.conformal), noisy_data.test_labels.numpy())
+    text = report.read_text()
+    section = text[text.index("<h2 id=sets>"):text.index("<h2 id=ood>")]
+    for label, value in (("coverage reached", f"{100 * m['coverage']:.2f} %"), ("target", "95.00 %"),
+                         ("mean set size", f"{m['mean_size']:.3f}"),
+                         ("singletons", f"{100 * m['singleton_share']:.2f} %")):
+        assert f"<div>{label}<b>{value}</b></div>" in section, label
+    for b in m["by_size"]:  # the table of set sizes with their coverage
+        assert (f"<tr><td class=num>{b['size']}</td><td class=num>{b['count']}</td>"
+                f"<td class=num>{100 * b['share']:.2f} %</td><td class=num>{100 * b['coverage']:.2f} %</td></tr>"
+                ) in section
+    unsure = int((probs.max(1) < UNSURE).sum())
+    assert unsure > 0 and f"{unsure:,} test images" in section and "uncertain answers and their candidates" in section
+    assert "sampling noise" in section and "No candidate sets" not in section
+
+
+def test_uncertain_gallery_shows_true_label_and_candidates_coloured_by_coverage():
+    from fmnist import CLASS_NAMES
+    from fmnist.report.figures import BAD, GOOD, uncertain
+
+    images = np.random.default_rng(0).integers(0, 255, (4, 28, 28), dtype=np.uint8)
+    labels = np.array([6, 0, 4, 9])
+    probs = np.full((4, 10), 0.01)
+    probs[:, 6], probs[:, 0] = 0.48, 0.44  # Shirt or T-shirt/top
+    fig = uncertain(images, labels, probs, np.array([0, 2]), [[6, 0], [6, 0]], list(CLASS_NAMES), 0.6)
+    texts = {t.get_text(): t.get_color() for t in fig.axes[0].texts}
+    assert texts == {"true Shirt\nShirt 0.48\nT-shirt 0.44": GOOD, "true Coat\nShirt 0.48\nT-shirt 0.44": BAD}
+    assert fig._suptitle.get_text().startswith("2 of the 2 test images with an uncertain answer (best score under 0.60)")
+
+
+def test_report_of_a_run_without_candidate_sets_says_so(run_copy, synthetic_data):
+    out = run_copy / "report"
+    out.mkdir()
+    (out / "uncertain.png").write_bytes(b"an older report's gallery")
+    meta = read_json(run_copy / "model.json")
+    write_json(run_copy / "model.json", {**meta, "thresholds": {"confidence": 0.0}})  # nothing is uncertain
+    text = build_report(run_copy, data=synthetic_data, limit=100, threads=1).read_text()
+    assert "No test image is under the confidence threshold" in text and "coverage reached" in text
+    assert not (out / "uncertain.png").exists()  # a stale gallery would mislead
+
+    write_json(run_copy / "model.json", {k: v for k, v in meta.items() if k != "conformal"})  # an older run
+    text = build_report(run_copy, data=synthetic_data, limit=100, threads=1).read_text()
+    assert "Candidate sets</h2>" in text and "No candidate sets in this run" in text
+    assert "coverage reached" not in text and not (out / "uncertain.png").exists()
 
 
 def test_report_shows_calibration_ood_and_saved_metrics_when_present(run_copy, synthetic_data):

@@ -27,8 +27,13 @@ def test_a_run_of_the_previous_format_loads_and_answers_as_before(v1):
     assert run.split(make_synthetic().train_labels)[1].numel() == 200  # its config.json's split
     expected = json.loads((v1 / "expected.json").read_text())
     got = fmnist.load(v1).predict_batch(list(make_synthetic().test_images[:6].numpy()))
+    assert run.conformal is None  # fitted before candidate sets existed
     for e, g in zip(expected, got):
         assert (g["label"], g["accepted"], g["reason"]) == (e["label"], e["accepted"], e["reason"])
+        # The same gates give the verdict; without conformal parameters there are no candidates to name.
+        assert g["verdict"] == ("answer" if e["accepted"] else
+                                "uncertain" if e["reason"] == "low_confidence" else "refused")
+        assert g["candidates"] is None
         assert g["score"] == pytest.approx(e["score"], abs=1e-5)
         assert g["ood_score"] == pytest.approx(e["ood_score"], abs=1e-4)
 

@@ -104,6 +104,9 @@ def test_health_and_model_info(client, trained_run):
     assert [c["name"] for c in info["classes"]] == list(CLASS_NAMES)
     assert all(len(c["description"]) > 20 for c in info["classes"])
     assert {"blank", "low_confidence"} <= set(info["reasons"])
+    assert "uncertain" in info["verdicts"]
+    # Training fits candidate sets: the page says how they were made.
+    assert info["candidate_sets"]["coverage"] == 0.95 and info["candidate_sets"]["method"] == "raps"
     assert info["limits"]["max_body_bytes"] == MAX_BODY
 
 
@@ -128,7 +131,9 @@ def test_predict_returns_the_documented_fields(client, garment_png):
     r = post_image(client, garment_png)
     assert r.status_code == 200, r.text
     p = r.json()
-    assert {"label", "class_id", "score", "accepted", "reason", "top_k", "input_png"} <= set(p)
+    assert {"label", "class_id", "score", "accepted", "reason", "verdict", "candidates", "top_k",
+            "input_png"} <= set(p)
+    assert p["verdict"] in ("answer", "uncertain", "refused") and p["accepted"] == (p["verdict"] == "answer")
     assert p["label"] == CLASS_NAMES[p["class_id"]]
     assert len(p["top_k"]) == 3
     assert p["top_k"][0] == {"label": p["label"], "score": p["score"]}
@@ -168,6 +173,7 @@ def test_confident_answer_is_accepted(client, garment_png, monkeypatch):
     monkeypatch.setattr(client.app.state.predictor, "confidence_threshold", 0.0)
     p = post_image(client, garment_png).json()
     assert p["accepted"] is True and p["reason"] is None
+    assert p["verdict"] == "answer" and p["candidates"][0] == {"label": p["label"], "score": p["score"]}
 
 
 def test_low_confidence_is_refused_but_keeps_the_best_guess(client, garment_png, monkeypatch):
@@ -176,6 +182,21 @@ def test_low_confidence_is_refused_but_keeps_the_best_guess(client, garment_png,
     p = post_image(client, garment_png).json()
     assert p["accepted"] is False and p["reason"] == "low_confidence"
     assert p["label"] == p["top_k"][0]["label"] and p["score"] == p["top_k"][0]["score"]
+    # Not refused: hedged, with the labels it could be, most likely first (at least the two most likely).
+    assert p["verdict"] == "uncertain"
+    assert p["candidates"][:2] == [{"label": t["label"], "score": t["score"]} for t in p["top_k"][:2]]
+
+
+def test_noise_is_refused_never_uncertain_even_when_nothing_is_confident(trained_run):
+    # With the threshold at 1.0 no garment is confident enough, so anything that passes the gates is hedged;
+    # noise must not be: it is no garment, and naming garments for it would pretend to know.
+    rng = np.random.default_rng(0)
+    with local_client(create_app(trained_run, threshold=1.0)) as c:
+        for img in list(rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)) + [
+                np.clip(rng.normal(128, 60, (64, 64)), 0, 255).astype(np.uint8)]:
+            p = post_image(c, encode(img)).json()
+            assert p["verdict"] == "refused" and p["candidates"] is None, p
+            assert p["accepted"] is False and p["reason"] in ("out_of_distribution", "blank")
 
 
 def _blank_images() -> dict[str, bytes]:
@@ -619,6 +640,10 @@ def test_openapi_documents_the_api(client):
     body = spec["paths"]["/api/predict"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body
     assert {"400", "413", "415", "422", "503"} <= set(spec["paths"]["/api/predict"]["post"]["responses"])
+    prediction = spec["components"]["schemas"]["Prediction"]["properties"]
+    assert {"verdict", "candidates", "accepted", "reason", "top_k"} <= set(prediction)
+    assert "uncertain" in prediction["verdict"]["description"]
+    assert prediction["candidates"]["anyOf"][0]["items"] == {"$ref": "#/components/schemas/TopK"}
 
 
 def _serve_parser():

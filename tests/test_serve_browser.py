@@ -4,7 +4,8 @@ Upload (file picker, drop, paste), drawing with a mouse and with a finger, error
 Skipped when Chromium, chromedriver or Selenium is missing.
 
 Environment (optional): FMNIST_SERVE_RUN=RUN serves that run instead of the tiny synthetic one, and
-FMNIST_SCREENSHOT=PATH saves the screenshot of a shown prediction there (docs/serve.png was made with both).
+FMNIST_SCREENSHOT=PATH saves the screenshot of a shown prediction there (docs/serve.png was made with both);
+FMNIST_SCREENSHOT_UNCERTAIN=PATH that of an uncertain answer with its candidates.
 """
 from __future__ import annotations
 
@@ -55,6 +56,27 @@ def server_url(trained_run):
 
 
 @pytest.fixture(scope="module")
+def hedged_run(trained_run, tmp_path_factory) -> Path:
+    """A run whose answers are never certain: the tiny run's calibrated scores of its own synthetic images
+    round to exactly 1.0 (its temperature is small), so this copy scores with its raw softmax (temperature 1)."""
+    if os.environ.get("FMNIST_SERVE_RUN"):
+        return Path(os.environ["FMNIST_SERVE_RUN"])
+    from fmnist.checkpoint import read_json, write_json
+
+    run = Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("hedged") / "run"))
+    meta = read_json(run / "model.json")
+    write_json(run / "model.json", {**meta, "calibration": {**meta["calibration"], "temperature": 1.0}})
+    return run
+
+
+@pytest.fixture(scope="module")
+def hedged_url(hedged_run):
+    """A server whose confidence threshold is 1.0: no answer is confident enough, so garments get candidates."""
+    with serve_in_thread(create_app(hedged_run, threshold=1.0)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     options = Options()
     options.binary_location = CHROMIUM
@@ -81,8 +103,31 @@ def garment_png(synthetic_data) -> bytes:
         img = np.asarray(read_idx(OFFICIAL / "t10k-images-idx3-ubyte.gz")[0])  # test image 0: an ankle boot
     else:
         img = synthetic_data.test_images[0].numpy()
+    return png(img)
+
+
+@pytest.fixture(scope="module")
+def hedged_png(hedged_run, synthetic_data) -> bytes:
+    """A PNG that the hedged server answers "uncertain" (it passes the blank and OOD gates): the first such
+    test image, official ones first when the data is here."""
+    import fmnist
+
+    images = list(synthetic_data.test_images[:100].numpy())
+    if (OFFICIAL / "t10k-images-idx3-ubyte.gz").exists():
+        from fmnist.data import read_idx
+
+        images = list(np.asarray(read_idx(OFFICIAL / "t10k-images-idx3-ubyte.gz")[:100])) + images
+    predictor = fmnist.load(hedged_run, confidence_threshold=1.0)
+    pngs = [png(img, scale=1) for img in images]  # 28x28: the data set's format, prepared as is
+    for data, r in zip(pngs, predictor.predict_batch(pngs)):
+        if r["verdict"] == "uncertain":
+            return data
+    pytest.fail("no test image passes the blank and OOD gates below the 1.0 threshold")
+
+
+def png(img: np.ndarray, scale: int = 4) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(img).resize((112, 112), Image.NEAREST).save(buf, format="PNG")
+    Image.fromarray(img).resize((28 * scale, 28 * scale), Image.NEAREST).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -145,10 +190,13 @@ def test_upload_shows_the_models_answer(browser, server_url, garment_png, tmp_pa
     expected = api_predict(server_url, garment_png)
     page = shown(browser)
     assert expected["label"] in page["verdict"]
-    assert page["verdict"].startswith("This looks like" if expected["accepted"] else "No answer")
+    if expected["verdict"] == "uncertain" and expected["candidates"]:
+        assert page["verdict"].endswith("not sure which")
+    else:
+        assert page["verdict"].startswith("This looks like" if expected["accepted"] else "No answer")
+        assert page["description"] == CLASS_DESCRIPTIONS[expected["label"]]
     assert page["top_k"] == [t["label"] for t in expected["top_k"]]
     assert page["image_width"] == 28 and page["image_src"].endswith(expected["input_png"])
-    assert page["description"] == CLASS_DESCRIPTIONS[expected["label"]]
 
     severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []  # no script error, nothing blocked by the content security policy
@@ -228,3 +276,55 @@ def test_bad_file_shows_an_error_and_the_page_recovers(browser, server_url, garm
     browser.find_element(By.ID, "file-input").send_keys(str(good))
     wait_for_answer(browser, 2)
     assert not error.is_displayed() and shown(browser)["verdict"]
+
+
+def test_an_uncertain_answer_names_each_candidate_with_its_score(browser, hedged_url, hedged_png, tmp_path):
+    path = tmp_path / "garment.png"
+    path.write_bytes(hedged_png)
+    browser.get_log("browser")  # drop what earlier tests logged (a 400 on purpose)
+    open_page(browser, hedged_url)
+    assert "names the garments it could be" in browser.find_element(By.ID, "model-info").text
+    browser.find_element(By.ID, "file-input").send_keys(str(path))
+    wait_for_answer(browser, 1)
+
+    expected = api_predict(hedged_url, hedged_png)
+    assert expected["verdict"] == "uncertain" and expected["accepted"] is False
+    labels = [c["label"] for c in expected["candidates"]]
+    assert len(labels) >= 2 and labels[0] == expected["label"]
+    verdict = browser.find_element(By.ID, "verdict")
+    names = labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} or {labels[-1]}"
+    assert verdict.text == f"{names} — not sure which"  # e.g. "Shirt or T-shirt/top — not sure which"
+    assert "uncertain" in verdict.get_attribute("class").split()
+    assert browser.execute_script("return [orList(['A', 'B', 'C']), orList(['A'])]") == ["A, B or C", "A"]
+    items = browser.find_elements(By.CSS_SELECTOR, "#candidates li")
+    assert [li.find_element(By.CLASS_NAME, "label").text for li in items] == labels
+    for li, c in zip(items, expected["candidates"]):
+        shown_score = float(li.find_element(By.CLASS_NAME, "score").text.rstrip(" %"))
+        assert shown_score == pytest.approx(100 * c["score"], abs=0.51)
+        assert li.find_element(By.CLASS_NAME, "about").text == CLASS_DESCRIPTIONS[c["label"]]
+        assert li.is_displayed()
+    assert "not sure enough" in browser.find_element(By.ID, "candidates-note").text
+    # Each candidate carries its description: the single best guess's is not shown as well.
+    assert not browser.find_element(By.ID, "description").is_displayed()
+    assert shown(browser)["top_k"] == [t["label"] for t in expected["top_k"]]
+
+    severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []
+    screenshot = Path(os.environ.get("FMNIST_SCREENSHOT_UNCERTAIN") or tmp_path / "uncertain.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(screenshot))
+
+
+def test_a_refused_answer_after_an_uncertain_one_hides_the_candidates(browser, hedged_url, hedged_png, tmp_path):
+    uncertain, blank = tmp_path / "garment.png", tmp_path / "blank.png"
+    uncertain.write_bytes(hedged_png)
+    blank.write_bytes(png(np.zeros((28, 28), np.uint8)))
+    open_page(browser, hedged_url)
+    browser.find_element(By.ID, "file-input").send_keys(str(uncertain))
+    wait_for_answer(browser, 1)
+    assert browser.find_element(By.ID, "candidates-block").is_displayed()
+    browser.find_element(By.ID, "file-input").send_keys(str(blank))
+    wait_for_answer(browser, 2)
+    assert shown(browser)["verdict"].startswith("No answer")
+    assert not browser.find_element(By.ID, "candidates-block").is_displayed()
+    assert browser.find_element(By.ID, "description").is_displayed()  # the best guess's, as before

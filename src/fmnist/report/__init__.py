@@ -17,7 +17,7 @@ from fmnist.run import Run
 from fmnist.trust.calibration import ECE_BINS, expected_calibration_error
 
 FIGURES = ("learning_curves", "confusion", "per_class", "confused_pairs", "misclassified", "reliability",
-           "samples")
+           "uncertain", "samples")
 
 
 # --- reading a run folder ----------------------------------------------------------------------------------
@@ -78,6 +78,37 @@ def rejection_stats(probs: np.ndarray, labels: np.ndarray, threshold: float) -> 
             "accepted_accuracy": float(correct[keep].mean()) if keep.any() else math.nan}
 
 
+def candidate_set_stats(run: Run, pred: dict) -> dict | None:
+    """The run's candidate sets on the test set (None for a run fitted before they existed).
+
+    ``metrics``: :func:`fmnist.trust.conformal.set_metrics` of the conformal sets; ``noise``: two standard
+    deviations of the coverage a fresh calibration and test sample would give (binomial test sample plus the
+    quantile's own spread), so a coverage within ``noise`` of the target meets it. ``uncertain``: the test
+    images under the confidence threshold, and ``candidates`` what the Predictor serves them (the set, widened
+    to the two most likely labels). Only the confidence gate is applied: the blank and OOD gates refuse
+    almost no test images, and the report does not load the detector.
+    """
+    if run.conformal is None:
+        return None
+    from fmnist.forward import probabilities
+    from fmnist.trust import conformal
+
+    params, y = run.conformal, pred["y"]
+    probs = probabilities(pred["logits"], run.temperature)  # float64, exactly as served
+    masks = conformal.candidate_sets(probs, params)
+    metrics = conformal.set_metrics(masks, y)
+    t, n_cal = params["coverage"], params["n"]
+    noise = 2 * math.sqrt(t * (1 - t) * (1 / metrics["n"] + 1 / (n_cal + 1)))
+    threshold = run.confidence_threshold
+    uncertain = np.flatnonzero(probs.max(1) < threshold)
+    candidates = [conformal.verdict(False, False, probs[i], threshold, masks[i])[2] for i in uncertain]
+    covered = [y[i] in ids for i, ids in zip(uncertain, candidates)]
+    return {"params": params, "metrics": metrics, "noise": noise, "threshold": threshold, "probs": probs,
+            "uncertain": uncertain, "candidates": candidates,
+            "uncertain_coverage": float(np.mean(covered)) if covered else math.nan,
+            "uncertain_mean_size": float(np.mean([len(c) for c in candidates])) if candidates else math.nan}
+
+
 # --- the report ----------------------------------------------------------------------------------------------
 
 
@@ -90,13 +121,14 @@ def build_report(run_dir, data=None, out=None, limit: int | None = None, threads
     out = Path(out) if out is not None else run.path / "report"
     out.mkdir(parents=True, exist_ok=True)
     pred = predict_test(run, data, limit, threads)
-    drawn, ece = _figures(run, pred, read_history(run), out)
+    sets = candidate_set_stats(run, pred)
+    drawn, ece = _figures(run, pred, read_history(run), out, sets)
     from fmnist.report.html import render_report
 
     context = {
         "run": run.path, "meta": run.meta, "metrics": pred["metrics"], "history": read_history(run), "ece": ece,
         "data": data, "temperature": run.temperature,
-        "rejection": rejection_stats(pred["probs"], pred["y"], run.confidence_threshold),
+        "rejection": rejection_stats(pred["probs"], pred["y"], run.confidence_threshold), "sets": sets,
         "config": run.config, "summary": run.read_optional("train_summary.json"),
         "env": run.read_optional("env.json"), "pngs": {n: out / f"{n}.png" for n in FIGURES if n in drawn},
     }
@@ -105,7 +137,7 @@ def build_report(run_dir, data=None, out=None, limit: int | None = None, threads
     return index
 
 
-def _figures(run: Run, pred: dict, history: list[dict], out: Path) -> tuple[dict, float]:
+def _figures(run: Run, pred: dict, history: list[dict], out: Path, sets: dict | None) -> tuple[dict, float]:
     """Draw and save the report's figures; return them and the test ECE."""
     from fmnist.report import figures as figs
 
@@ -125,6 +157,11 @@ def _figures(run: Run, pred: dict, history: list[dict], out: Path) -> tuple[dict
         drawn["learning_curves"] = figs.learning_curves(history, run.best_epoch, run.select)
     else:
         (out / "learning_curves.png").unlink(missing_ok=True)  # an older report's curves would mislead
+    if sets and len(sets["uncertain"]):
+        drawn["uncertain"] = figs.uncertain(images, y, sets["probs"], sets["uncertain"], sets["candidates"], names,
+                                            sets["threshold"])
+    else:
+        (out / "uncertain.png").unlink(missing_ok=True)
     for name, fig in drawn.items():
         figs.save(fig, out / f"{name}.png")
     return drawn, ece

@@ -191,6 +191,24 @@ def misclassified(images, labels, probs, class_names: list[str], count: int = 24
                    if len(wrong) else "No misclassifications")
 
 
+def uncertain(images, labels, probs, idx, candidates: list[list[int]], class_names: list[str], threshold: float,
+              count: int = 24, cols: int = 8, seed: int = 0):
+    """Test images answered "uncertain", a random ``count`` of them: each with its true label and its
+    candidates and their scores, green when the true label is among the candidates, red when not."""
+    pick = np.sort(np.random.default_rng(seed).choice(len(idx), size=min(count, len(idx)), replace=False))
+    titles, colors = [], []
+    for k in pick:
+        i, ids = idx[k], candidates[k]
+        titles.append(f"true {short(class_names[labels[i]])}\n"
+                      + "\n".join(f"{short(class_names[c])} {probs[i, c]:.2f}" for c in ids))
+        colors.append(GOOD if labels[i] in ids else BAD)
+    lines = 1 + max(len(candidates[k]) for k in pick)
+    return _mosaic([images[idx[k]] for k in pick], titles, colors, cols, title_lines=lines,
+                   suptitle=f"{len(pick)} of the {len(idx)} test images with an uncertain answer (best score under "
+                   f"{threshold:.2f}), at random: true label, then the candidates and their scores\n"
+                   "(green: the true label is among the candidates; red: it is not)")
+
+
 def samples(images, labels, probs, class_names: list[str], idx, cols: int = 8):
     """Sample predictions: predicted label and score, green when right, red when wrong."""
     preds = probs.argmax(1)

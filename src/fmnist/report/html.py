@@ -122,6 +122,46 @@ def _calibration(c: dict) -> str:
             + image(c["pngs"]["reliability"], "reliability diagram"))
 
 
+def _candidate_sets(c: dict) -> str:
+    sets = c.get("sets")
+    if not sets:
+        return ("<p class=warn>No candidate sets in this run (it was fitted before they existed): under the "
+                "confidence threshold the model gives its best guess only, with no set of labels it could be. "
+                "<code>fmnist calibrate RUN</code> fits them.</p>")
+    p, m, t = sets["params"], sets["metrics"], sets["params"]["coverage"]
+    within = m["coverage"] >= t - sets["noise"]
+    items = [("coverage reached", pct(m["coverage"])), ("target", pct(t)), ("mean set size", f"{m['mean_size']:.3f}"),
+             ("singletons", pct(m["singleton_share"])),
+             ("uncertain answers", pct(len(sets["uncertain"]) / m["n"]))]
+    intro = (f"<p>When the model is not sure (best score under {sets['threshold']:.2f}) it answers with the "
+             "labels the garment could be. The sets come from split conformal prediction on the validation "
+             f"split ({esc(p['method'].upper())} score, k_reg {esc(p['k_reg'])}, lam {esc(p['lam'])}, fitted on "
+             f"{p['n']:,} images: qhat {p['qhat']:.4f}) and hold the true label for at least {pct(t)} of images "
+             f"like the validation ones. Measured here on {m['n']:,} test images:</p>")
+    status = (f"<p class=note>Coverage {pct(m['coverage'])} against the {pct(t)} target: "
+              + ("within" if within else "<b class=warn>below the target beyond</b>")
+              + f" sampling noise (&plusmn;{pct(sets['noise'])}, two standard deviations of the test and "
+              "calibration samples)."
+              + (" The model is more accurate than the target, so each set is its top label alone and covers "
+                 "more: no deterministic set can cover less." if p["qhat"] == 0 else "") + "</p>")
+    rows = [[b["size"], b["count"], pct(b["share"]), pct(b["coverage"])] for b in m["by_size"]]
+    by_size = table(["set size", "test images", "share", "coverage"], rows)
+    n_unc = len(sets["uncertain"])
+    if n_unc:
+        gallery = (f"<p>{n_unc:,} test images ({pct(n_unc / m['n'])}) get an <b>uncertain</b> answer. Their "
+                   "candidates (the set, widened to the two most likely labels) hold the true label for "
+                   f"{pct(sets['uncertain_coverage'])} of them, with {sets['uncertain_mean_size']:.2f} labels on "
+                   "average. The guarantee is over all images together: the hard ones are covered less often "
+                   "than the easy ones.</p>" + image(c["pngs"]["uncertain"], "uncertain answers and their candidates"))
+    else:
+        gallery = (f"<p class=note>No test image is under the confidence threshold "
+                   f"({sets['threshold']:.2f}): every answer here is a single label.</p>")
+    return (intro + "<div class=headline>" + "".join(f"<div>{esc(k)}<b>{esc(v)}</b></div>" for k, v in items)
+            + "</div>" + status + by_size + gallery
+            + "<p class=note>Only the confidence gate is applied in this section: the blank and "
+              "out-of-distribution gates, which refuse some genuine test images too, are not run here.</p>")
+
+
 def _ood(c: dict) -> str:
     ood = c["meta"].get("ood")
     if not ood:
@@ -138,9 +178,11 @@ def _limits(c: dict) -> str:
     items = [
         "It knows ten classes only. Anything else gets one of their labels unless it is rejected.",
         "It rejects blank images (nothing stands out of the background): reason <code>blank</code>.",
-        f"It rejects answers whose top score is below {r['threshold']:.2f}: reason <code>low_confidence</code>. "
-        f"On this test set that refuses {pct(r['refused'])} of the images; accuracy on the accepted ones is "
-        f"{pct(r['accepted_accuracy'])}.",
+        (f"It gives no single answer when the top score is below {r['threshold']:.2f} (verdict "
+         "<code>uncertain</code>, reason <code>low_confidence</code>)"
+         + (": it names the labels the garment could be instead (see Candidate sets)" if c.get("sets") else "")
+         + f". On this test set that is {pct(r['refused'])} of the images; accuracy on the confident answers is "
+         f"{pct(r['accepted_accuracy'])}."),
         "It was trained on centred 28x28 grayscale product photos, light garment on black. Other images are "
         "converted to that format first (inverted, cropped, resized), and it does worse on clutter, several "
         "garments in one picture, or clothes being worn.",
@@ -201,6 +243,7 @@ def render_report(c: dict) -> str:
         ("pairs", "Most-confused pairs", _pairs(c)),
         ("errors", "Worst misclassifications", image(c["pngs"]["misclassified"], "worst misclassifications")),
         ("calibration", "Calibration", _calibration(c)),
+        ("sets", "Candidate sets", _candidate_sets(c)),
         ("ood", "Out-of-distribution inputs", _ood(c)),
         ("samples", "Sample predictions", image(c["pngs"]["samples"], "sample predictions")),
         ("card", "Model card", _model_card(c)),

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -32,7 +32,7 @@ from fmnist.serve.batching import Batcher
 from fmnist.serve.inference import UploadError, jsonable, single_threaded_compute
 from fmnist.serve.limits import BodySizeLimit, BodyWatch, Gate, HostAllowList, JsonErrors, multipart_boundary
 from fmnist.serve.settings import Settings
-from fmnist.serve.texts import GENERIC_REASON, REASON_TEXTS, class_info
+from fmnist.serve.texts import GENERIC_REASON, REASON_TEXTS, VERDICT_TEXTS, class_info
 
 log = logging.getLogger("fmnist.serve")
 
@@ -55,11 +55,18 @@ class TopK(BaseModel):
 
 class Prediction(BaseModel):
     model_config = ConfigDict(extra="allow")  # later keys (e.g. "ood_score") pass through
-    label: str
+    label: str = Field(description="the best guess, whatever the verdict")
     class_id: int
-    score: float
-    accepted: bool
-    reason: str | None
+    score: float = Field(description="calibrated probability of the best guess")
+    accepted: bool = Field(description="true for a confident single answer (verdict 'answer')")
+    reason: str | None = Field(description="why there is no single answer: blank, out_of_distribution, "
+                                           "invalid_scores or low_confidence; null when answered")
+    verdict: str = Field(description="'answer' (one confident label), 'uncertain' (below the confidence "
+                                     "threshold: see candidates) or 'refused' (blank, or not a garment)")
+    candidates: list[TopK] | None = Field(
+        description="the labels the garment could be (a conformal candidate set), most likely first, with "
+                    "their scores: two or three when uncertain, usually the answer alone when answered; null "
+                    "for refusals and for runs fitted before candidate sets existed")
     top_k: list[TopK]
     input_png: str
 
@@ -96,9 +103,10 @@ def create_app(run_dir, **settings) -> FastAPI:
     s = Settings(run_dir=Path(run_dir), **settings)
     app = FastAPI(title="fmnist", version=fmnist.__version__, lifespan=_lifespan,
                   docs_url="/docs" if s.docs else None, redoc_url=None,
-                  description="Classify garment images into the 10 Fashion-MNIST classes. Answers under the "
-                              "confidence threshold, and blank images, are refused (`accepted: false`) but "
-                              "still carry the best guess.")
+                  description="Classify garment images into the 10 Fashion-MNIST classes. Each answer has a "
+                              "`verdict`: `answer` (one confident label, `accepted: true`), `uncertain` (under "
+                              "the confidence threshold: `candidates`, the two or three labels it could be) or "
+                              "`refused` (blank, or not a garment). Every answer still carries the best guess.")
     app.state.settings = s
     app.state.gate = Gate(s.max_concurrency, "predictions")
     app.state.uploads = Gate(s.max_uploads, "uploads")
@@ -157,9 +165,22 @@ def _model_info(predictor, s: Settings) -> dict:
         classes=class_info(predictor.class_names),
         reasons=REASON_TEXTS,
         generic_reason=GENERIC_REASON,
+        verdicts=VERDICT_TEXTS,
+        candidate_sets=_candidate_sets_info(predictor.run.conformal),
         limits={"max_body_bytes": s.max_body, "max_pixels": s.max_pixels, "max_batch": s.max_batch,
                 "max_concurrency": s.max_concurrency, "max_uploads": s.max_uploads, "threads": s.threads},
     )
+    return info
+
+
+def _candidate_sets_info(params: dict | None) -> dict | None:
+    """How the run's candidate sets were fitted and, when measured (`fmnist calibrate`), their test figures."""
+    if params is None:
+        return None
+    info = {k: params.get(k) for k in ("method", "coverage", "k_reg", "lam", "n")}
+    test = params.get("test")
+    if isinstance(test, dict):
+        info["test"] = {k: test.get(k) for k in ("n", "coverage", "mean_size", "singleton_share")}
     return info
 
 

@@ -1,4 +1,5 @@
-"""Words the page shows: a short description of each class and each refusal reason in plain language.
+"""Words the page shows: a short description of each class, each refusal reason and the uncertain verdict in
+plain language.
 
 They live here, not in the JavaScript, so the API (``GET /api/model``) and the page share one source.
 """
@@ -34,6 +35,11 @@ REASON_TEXTS = {
 }
 
 GENERIC_REASON = "The model declined to answer for this image."
+
+#: What the page says with a verdict, by ``verdict`` code: the "uncertain" text introduces the candidates.
+VERDICT_TEXTS = {
+    "uncertain": "The model is not sure enough to pick one label. It could be:",
+}
 
 
 def class_info(class_names) -> list[dict]:

@@ -33,7 +33,9 @@ function describeModel(info) {
   }
   const threshold = info.thresholds?.confidence;
   if (typeof threshold === "number" && threshold > 0) {
-    parts.push(`answers below ${percent(threshold)} confidence are refused`);
+    parts.push(info.candidate_sets
+      ? `below ${percent(threshold)} confidence it names the garments it could be`
+      : `answers below ${percent(threshold)} confidence are refused`);
   }
   if (info.thresholds?.ood != null) parts.push("pictures unlike the garments it knows are refused");
   return parts.join(" · ") + ".";
@@ -90,17 +92,43 @@ function errorText(response, body) {
 
 function render(p) {
   $("input-image").src = `data:image/png;base64,${p.input_png}`;
+  // An uncertain answer names its candidates; one from a run without candidate sets reads as a refusal.
+  const candidates = verdictOf(p) === "uncertain" && Array.isArray(p.candidates) && p.candidates.length
+    ? p.candidates : null;
   const verdict = $("verdict");
-  verdict.className = "verdict " + (p.accepted ? "accepted" : "refused");
-  verdict.textContent = verdictText(p);
+  verdict.className = "verdict " + (p.accepted ? "accepted" : candidates ? "uncertain" : "refused");
+  verdict.textContent = candidates
+    ? `${orList(candidates.map((c) => c.label))} — not sure which`
+    : verdictText(p);
+
+  $("candidates-block").hidden = !candidates;
+  $("candidates-note").textContent = state.info?.verdicts?.uncertain
+    || "The model is not sure enough to pick one label. It could be:";
+  $("candidates").replaceChildren(...(candidates || []).map(candidateItem));
 
   const list = $("top-k");
   list.replaceChildren(...(p.top_k || []).map(topKItem));
 
-  const cls = (state.info?.classes || []).find((c) => c.name === p.label);
-  $("description-title").textContent = p.accepted ? p.label : `Best guess: ${p.label}`;
+  // With candidates, each one carries its own description; otherwise the best guess's is shown.
+  const cls = candidates ? null : classInfo(p.label);
+  $("description-title").textContent = candidates ? "" : (p.accepted ? p.label : `Best guess: ${p.label}`);
   $("description").textContent = cls?.description || "";
+  $("description-title").hidden = $("description").hidden = !!candidates;
   setState("done");
+}
+
+function verdictOf(p) {
+  // Servers before verdicts existed sent only `accepted`.
+  return ["answer", "uncertain", "refused"].includes(p.verdict) ? p.verdict : (p.accepted ? "answer" : "refused");
+}
+
+function classInfo(name) {
+  return (state.info?.classes || []).find((c) => c.name === name);
+}
+
+function orList(labels) {
+  // "A", "A or B", "A, B or C"
+  return labels.length < 2 ? (labels[0] || "") : `${labels.slice(0, -1).join(", ")} or ${labels[labels.length - 1]}`;
 }
 
 function verdictText(p) {
@@ -111,6 +139,21 @@ function verdictText(p) {
     : state.info?.generic_reason || "The model declined to answer for this image.");
   if (p.reason === "blank") return `No answer. ${why}`;
   return `No answer. ${why} Best guess: ${p.label} (${percent(p.score)}).`;
+}
+
+function candidateItem(entry) {
+  const li = document.createElement("li");
+  const label = document.createElement("span");
+  label.className = "label";
+  label.textContent = entry.label;
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = percent(entry.score);
+  const about = document.createElement("span");
+  about.className = "about";
+  about.textContent = classInfo(entry.label)?.description || "";
+  li.append(label, score, about);
+  return li;
 }
 
 function topKItem(entry) {
