@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fmnist.runfiles import CheckpointError, _atomic, load_safetensors, read_json, write_json  # noqa: F401 (re-exported)
@@ -17,7 +18,7 @@ from fmnist.runfiles import CheckpointError, _atomic, load_safetensors, read_jso
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata), io_errors=(SafetensorError,))
 
 
 def load_tensors(path) -> dict[str, torch.Tensor]:
@@ -26,7 +27,8 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
 
 def save_state(path, state: dict) -> None:
     """Full training state for --resume (model, optimizer, RNG, epoch, history); tensors and plain data only."""
-    _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+    # torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer.
+    _atomic(Path(path), lambda tmp: torch.save(state, tmp), io_errors=(RuntimeError,))
 
 
 def load_state(path) -> dict:

@@ -15,7 +15,15 @@ def run_logits(backend, run, images, tta: bool | None = None) -> torch.Tensor:
     from fmnist.preprocess import preprocess
 
     _, logits = forward(backend, preprocess(images, run.spec), tta=run.tta if tta is None else tta)
-    return torch.from_numpy(logits)
+    logits = torch.from_numpy(logits)
+    bad = int((~torch.isfinite(logits)).any(1).sum())
+    if bad:  # NaN logits would count as some class: a figure like 10 % accuracy, with no word of why
+        from fmnist.checkpoint import CheckpointError
+        from fmnist.run import WEIGHTS
+
+        raise CheckpointError(f"{run.path / WEIGHTS}: the model gives non-finite outputs (NaN or infinity) for "
+                              f"{bad} of {len(logits)} images: its weights are damaged or its training diverged")
+    return logits
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:

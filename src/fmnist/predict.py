@@ -16,6 +16,7 @@ holds a temperature;
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -38,6 +39,18 @@ class Analysis:
     parts: dict | None = None
 
 
+def _gate(value, name: str) -> float:
+    """A threshold given by the caller, as a finite number: NaN would turn its gate off (every comparison with
+    NaN is false), and so would an infinite OOD threshold. (A confidence threshold above 1 refuses all.)"""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
 class Predictor:
     """Answers for user images, from a loaded :class:`~fmnist.run.Run` and an inference backend."""
 
@@ -49,9 +62,10 @@ class Predictor:
         self.top_k = max(1, min(top_k, len(self.class_names)))
         self.detector = run.detector
         self.confidence_threshold = (run.confidence_threshold if confidence_threshold is None
-                                     else float(confidence_threshold))
+                                     else _gate(confidence_threshold, "confidence_threshold"))
+        ood_threshold = None if ood_threshold is None else _gate(ood_threshold, "ood_threshold")
         self.ood_threshold = (None if self.detector is None else
-                              float(ood_threshold) if ood_threshold is not None else self.detector.threshold)
+                              ood_threshold if ood_threshold is not None else self.detector.threshold)
 
     @classmethod
     def from_run(cls, run_dir, backend: str = "torch", device: str = "cpu", fold_bn: bool = False,

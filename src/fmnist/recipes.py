@@ -84,6 +84,34 @@ def resolve_config(preset: str | None = None, **overrides) -> TrainConfig:
     return cfg
 
 
+# What each TrainConfig field may hold in a config.json (the annotations are strings: postponed evaluation).
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None))}
+
+
+def read_config(path) -> TrainConfig:
+    """A run's config.json as a TrainConfig (``--resume``): an unknown key, a value of the wrong type or out of
+    range is one CheckpointError naming the file and the key."""
+    from fmnist.runfiles import CheckpointError, read_json
+
+    values = read_json(path)
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key, value in values.items():
+        if key not in fields:
+            raise CheckpointError(f"{path}: unknown key {key!r}: not a training option of this fmnist")
+        kinds = _JSON_TYPES[fields[key]]
+        ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            raise CheckpointError(f"{path}: {key} must be {fields[key].replace(' | ', ' or ')}, got {value!r}")
+    cfg = TrainConfig(**values)
+    try:
+        validate(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return cfg
+
+
 def validate(cfg: TrainConfig) -> None:
     from fmnist.augment import parse_augment
 

@@ -25,6 +25,13 @@ from fmnist.runfiles import (  # no torch: an ONNX-only deployment reads runs to
 MODEL_FORMAT = "fmnist-model/1"
 SCHEMA_VERSION = 2  # 1: before this field existed (same layout); 2: adds schema_version itself
 MODEL_JSON, WEIGHTS = "model.json", "model.safetensors"
+# Files that show a folder holds a run: `fmnist train --out` refuses to mix a new run into it.
+RUN_MARKERS = (MODEL_JSON, WEIGHTS, "config.json", "last.pt", "history.csv", "train.log")
+# Every file fmnist writes in a run folder (train, calibrate, evaluate, export, ood-eval, tune), model.json
+# first: what `train --overwrite` removes, in this order, so a half-removed run never loads. Other files stay.
+RUN_FILES = RUN_MARKERS + ("ood.safetensors", "env.json", "train_summary.json", "metrics.json", "model.onnx",
+                           "model.int8.onnx", "export.json", "ood_eval.json", "tune_trial.json")
+REPORT_DIR = "report"  # `fmnist report`'s default output folder
 
 
 def _finite(value, what: str, path: Path, low: float = -math.inf, high: float = math.inf,
@@ -134,14 +141,28 @@ class Run:
         if kind == "auto":
             kind = "onnx" if (self.path / FP32).is_file() and onnxruntime_available() else "torch"
         if kind in ("onnx", "onnx-int8"):
-            return OnnxBackend(self.path / (FP32 if kind == "onnx" else INT8), threads=threads, meta=self.meta)
+            path = self.path / (FP32 if kind == "onnx" else INT8)
+            return self._probed(OnnxBackend(path, threads=threads, meta=self.meta), path)
         if not importable("torch"):
             raise MissingDependency(f"{self.path}: PyTorch is not installed here, and the run has no {FP32} for "
                                     f"ONNX Runtime: export it where PyTorch is (fmnist export {self.path}), or "
                                     "install torch")
         from fmnist.forward import TorchBackend
 
-        return TorchBackend(self.model(device), fold_bn=fold_bn)
+        return self._probed(TorchBackend(self.model(device), fold_bn=fold_bn), self.path / WEIGHTS)
+
+    def _probed(self, backend, weights: Path):
+        """``backend``, once it gives finite outputs for a few fixed images: NaN scores would pass every gate
+        (``score < threshold`` is false for NaN), so damaged or diverged weights are refused here, once."""
+        import numpy as np
+
+        from fmnist.preprocess import preprocess_array
+
+        features, logits = backend.run(preprocess_array(_probe_images(), self.spec))
+        if not (np.isfinite(features).all() and np.isfinite(logits).all()):
+            raise CheckpointError(f"{weights}: the model gives non-finite outputs (NaN or infinity) for plain "
+                                  "test images: its weights are damaged or its training diverged; train it again")
+        return backend
 
     def split(self, labels):
         """(train_idx, val_idx) of the training images, as the run was trained (``config.json``)."""
@@ -214,6 +235,44 @@ def save_model(run_dir, model, meta: dict) -> None:
     meta = {"format": MODEL_FORMAT, "schema_version": SCHEMA_VERSION, "model": model.arch_name,
             "parameters": count_parameters(model), **meta}
     write_json(run_dir / MODEL_JSON, meta)
+
+
+def _probe_images():
+    """Four fixed uint8 28x28 images: black, white, a bright block on black (a garment's outline), a ramp."""
+    import numpy as np
+
+    x = np.zeros((4, 28, 28), np.uint8)
+    x[1] = 255
+    x[2, 5:23, 8:20] = 200
+    x[3] = np.linspace(0, 255, 28).astype(np.uint8)
+    return x
+
+
+def check_new_run_folder(path, overwrite: bool = False) -> None:
+    """Refuse to train a new run into a folder that holds one, unless told to replace it (``overwrite``)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a folder: choose another output folder")
+    found = [name for name in RUN_MARKERS if (path / name).exists()]
+    if found and not overwrite:
+        raise CheckpointError(f"{path} holds a run already ({', '.join(found)}): continue it with --resume "
+                              f"{path}, replace it with --overwrite, or choose another output folder")
+
+
+def remove_run(path) -> None:
+    """Remove the run in ``path``: the files fmnist writes (:data:`RUN_FILES`), temporaries of interrupted
+    writes, and the report folder. Anything else in the folder is not fmnist's and stays."""
+    import shutil
+
+    path = Path(path)
+    for name in RUN_FILES:
+        if (path / name).is_file() or (path / name).is_symlink():
+            (path / name).unlink()
+    for tmp in path.glob("*.tmp"):  # .NAME.XXXX.tmp of runfiles._atomic
+        if any(tmp.name.startswith(f".{name}.") for name in RUN_FILES):
+            tmp.unlink()
+    if (path / REPORT_DIR).is_dir():
+        shutil.rmtree(path / REPORT_DIR)
 
 
 def created_now() -> str:

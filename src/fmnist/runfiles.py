@@ -1,4 +1,4 @@
-"""Run-folder files that need no PyTorch: the error type, atomic writes, JSON metadata, checksums.
+"""Run-folder files that need no PyTorch: the error type, atomic writes, JSON metadata, checksums, strict JSON.
 
 Kept free of ``torch`` so that a deployment without it (ONNX Runtime only) can read a run folder;
 :mod:`fmnist.checkpoint` re-exports these for everything else.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -19,19 +20,35 @@ class CheckpointError(Exception):
     pass
 
 
-def _atomic(path: Path, write) -> None:
+def _atomic(path: Path, write, io_errors: tuple = ()) -> None:
+    """Write through ``write(tmp)`` to a temporary file beside ``path``, then rename it into place.
+
+    A write that fails for want of space or permission (OSError, or one of ``io_errors``: what the writer
+    raises for them) is one CheckpointError naming the file; the previous file, if any, is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from e
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, (OSError, *io_errors)):
+            raise _write_error(path, e) from e
         raise
+
+
+def _write_error(path: Path, e: BaseException) -> CheckpointError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+    return CheckpointError(f"cannot write {path} (disk full or not writable?): {reason}; {kept}")
 
 
 def write_json(path, obj) -> None:
@@ -64,6 +81,23 @@ def write_bytes(path, data: bytes) -> None:
     _atomic(Path(path), w)
 
 
+def jsonable(v):
+    """Plain JSON types; NaN and infinities become null (strict JSON has no such numbers)."""
+    import numpy as np
+
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, np.ndarray) or hasattr(v, "detach"):  # arrays, and tensors without importing PyTorch
+        return jsonable(v.tolist())
+    if isinstance(v, np.generic):
+        return jsonable(v.item())
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -71,10 +105,11 @@ def sha256(data: bytes) -> str:
 def save_arrays(path, arrays: dict, metadata: dict | None = None) -> None:
     """NumPy arrays to a safetensors file, atomically (the PyTorch-free twin of checkpoint.save_tensors)."""
     import numpy as np
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    _atomic(Path(path), lambda tmp: save_file(arrays, tmp, metadata=metadata))
+    _atomic(Path(path), lambda tmp: save_file(arrays, tmp, metadata=metadata), io_errors=(SafetensorError,))
 
 
 def load_arrays(path) -> dict:

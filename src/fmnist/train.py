@@ -4,10 +4,11 @@ A plain loop rather than a framework, so every step is visible. :func:`train` ru
 :func:`prepare_data` (the split and the one preprocessing), :func:`build` (model, optimiser, EMA, generator),
 then per epoch :func:`train_epoch` (the steps, under a :class:`~fmnist.budget.TimeBudget`) and
 :func:`validate_and_keep` (the one forward pass on the validation split; the kept epoch's model written),
-a resume state written atomically after each epoch (:func:`save_resume` / :func:`load_resume`), and after the
-loop the trust fit, for which the budget kept a reserve. :class:`Context` says which process this is:
-only the main process (rank 0) validates and writes; under ``torchrun`` several processes train one model
-through the hooks of :mod:`fmnist.distributed`, which do nothing in one process.
+a resume state written atomically after each epoch (:func:`save_resume`; :func:`read_resume` and
+:func:`restore` on ``--resume``), and after the loop the trust fit, for which the budget kept a reserve.
+:class:`Context` says which process this is: only the main process (rank 0) validates and writes; under
+``torchrun`` several processes train one model through the hooks of :mod:`fmnist.distributed`, which do
+nothing in one process.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from fmnist import CLASS_NAMES, distributed, runtime
 from fmnist.augment import augment_batch, parse_augment
 from fmnist.budget import TimeBudget
-from fmnist.checkpoint import load_state, read_json, save_state, write_json
+from fmnist.checkpoint import CheckpointError, _atomic, load_state, save_state, write_json
 from fmnist.distributed import ONE_PROCESS, Context
 from fmnist.models import count_parameters, create_model
 from fmnist.preprocess import make_spec, preprocess
@@ -35,10 +36,11 @@ from fmnist.recipes import (
     TrainConfig,
     lr_at,
     make_optimizer,
+    read_config,
     resolve_config,
     validate,
 )
-from fmnist.run import created_now, save_model
+from fmnist.run import check_new_run_folder, created_now, remove_run, save_model
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "Context", "TrainConfig", "resolve_config", "train"]
 
@@ -252,26 +254,63 @@ def save_resume(out: Path, st: State, elapsed: float) -> None:
     })
 
 
-def load_resume(out: Path, st: State) -> float:
-    """Restore the state saved after the last finished epoch; return the seconds spent before."""
-    state = load_state(out / "last.pt")
-    st.model.load_state_dict(state["model"])
-    st.opt.load_state_dict(state["optimizer"])
-    if st.ema is not None:
-        st.ema.model.load_state_dict(state["ema"])
-    st.gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
+RESUME_KEYS = ("model", "optimizer", "ema", "generator", "torch_rng", "epoch", "step", "elapsed", "history", "best")
+
+
+def read_resume(out: Path) -> dict:
+    """The state saved after the last finished epoch, checked for what :func:`restore` needs (read before the
+    data, so a damaged last.pt fails at once)."""
+    path = out / "last.pt"
+    state = load_state(path)
+    missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+    if missing:
+        raise CheckpointError(f"{path} is not a resume state of this fmnist: it lacks {', '.join(missing)}")
+    ok = (isinstance(state["epoch"], int) and isinstance(state["step"], int) and state["epoch"] >= 0
+          and isinstance(state["elapsed"], (int, float)) and isinstance(state["history"], list)
+          and len(state["history"]) == state["epoch"] and isinstance(state["best"], dict))
+    if not ok:
+        raise CheckpointError(f"{path} is not a resume state of this fmnist: its epoch, step, elapsed time, "
+                              "history or best epoch are not what training writes")
+    return state
+
+
+def restore(state: dict, st: State, path: Path) -> float:
+    """Put a :func:`read_resume` state into the freshly built ``st``; return the seconds spent before. A state
+    that does not fit the run's model or recipe is one CheckpointError naming the file."""
+    try:
+        st.model.load_state_dict(state["model"])
+        st.opt.load_state_dict(state["optimizer"])
+        _check_optimizer_state(st.opt)
+        if st.ema is not None:
+            st.ema.model.load_state_dict(state["ema"])
+        st.gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        reason = " ".join(str(e).split())  # load_state_dict lists every mismatch on lines of its own
+        raise CheckpointError(f"{path} does not fit the run's model and recipe ({path.parent / 'config.json'}): "
+                              f"{reason[:400]}{'...' if len(reason) > 400 else ''}") from None
     st.history, st.best = state["history"], state["best"]
     st.epoch, st.step = state["epoch"], state["step"]
-    return state["elapsed"]
+    return float(state["elapsed"])
+
+
+def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Momentum and moment buffers shaped like their parameters (the optimiser would only fail at its step)."""
+    for param, buffers in opt.state.items():
+        for name, value in buffers.items():
+            if torch.is_tensor(value) and value.ndim and value.shape != param.shape:
+                raise ValueError(f"optimizer {name} of shape {tuple(value.shape)} for a parameter of shape "
+                                 f"{tuple(param.shape)}")
 
 
 def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, resume: str | Path | None = None,
-          on_epoch_end=None, quiet: bool = False, max_steps: int = 0, ctx: Context = ONE_PROCESS) -> dict:
+          on_epoch_end=None, quiet: bool = False, max_steps: int = 0, ctx: Context = ONE_PROCESS,
+          overwrite: bool = False) -> dict:
     """Train and write a run folder; returns a summary dict.
 
     ``data`` is a FashionMNIST (tests pass their own); ``resume`` continues the run in that folder from its
-    last finished epoch (``cfg`` is then read from its config.json); ``max_steps`` > 0 stops after that many
+    last finished epoch (``cfg`` is then read from its config.json); a folder ``out`` that holds a run already
+    is refused unless ``overwrite``, which removes that run's files first; ``max_steps`` > 0 stops after that many
     steps (--dry-run); ``on_epoch_end(epoch, row)`` is called after each epoch's files are written and may
     return True to stop. ``ctx`` is this process's place in a data-parallel run (:func:`fmnist.distributed.session`);
     ``on_epoch_end`` is then called on rank 0 only, and the summary returned is complete on rank 0 only.
@@ -279,18 +318,26 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     from fmnist.data import load_fashion_mnist
 
     t_start = time.monotonic()
+    if resume is not None and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
     out = Path(resume) if resume is not None else Path(out) if out is not None else default_out(cfg)
+    saved = None
     if resume is not None:
-        cfg = TrainConfig(**read_json(out / "config.json"))
+        cfg = read_config(out / "config.json")
+        saved = read_resume(out)
     validate(cfg)
     distributed.check(cfg.batch_size, ctx)
+    if resume is None:
+        _check_out(out, overwrite, ctx)
     device = distributed.place(runtime.setup(cfg.threads or distributed.default_threads(ctx), cfg.device), ctx)
     precision = runtime.resolve_precision(cfg.precision, device, cfg.batch_size)
     data = data if data is not None else load_fashion_mnist(cfg.data_dir)
     d = prepare_data(cfg, data, device)
     st = build(cfg, device)
-    elapsed_before = load_resume(out, st) if resume is not None else 0.0
+    elapsed_before = restore(saved, st, out / "last.pt") if saved is not None else 0.0
     st.wrapped = distributed.wrap(st.model, ctx, device)
+    if overwrite and resume is None and ctx.is_main:
+        remove_run(out)  # as late as possible: a run that fails to start leaves the old one in place
     say = _start_run(cfg, out, st, d, device, precision, ctx, quiet, resumed=resume is not None)
     from fmnist.trust.fit import cost_seconds
 
@@ -299,6 +346,20 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     job = Job(cfg, d, budget, precision, out, data_info, ctx)
     _loop(job, st, say, on_epoch_end, quiet, max_steps)
     return _finish(job, st, data, device, say, t_start)
+
+
+def _check_out(out: Path, overwrite: bool, ctx: Context) -> None:
+    """Refuse to mix a new run into a folder that holds one (:func:`fmnist.run.check_new_run_folder`). Rank 0
+    looks, before anything is written, and every rank follows its answer (another rank looking itself might
+    already see the files rank 0 writes)."""
+    error = None
+    if ctx.is_main:
+        try:
+            check_new_run_folder(out, overwrite)
+        except CheckpointError as e:
+            error = e
+    if distributed.agree(ctx, error is not None):
+        raise error or CheckpointError(f"{out}: refused by the main process (rank 0)")
 
 
 def _start_run(cfg, out: Path, st: State, d: Data, device, precision: str, ctx: Context, quiet: bool,
@@ -405,12 +466,13 @@ def _model_meta(cfg: TrainConfig, data_info: dict, row: dict, best: dict, spec: 
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    tmp.replace(path)
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(history[0]))
+            w.writeheader()
+            w.writerows(history)
+
+    _atomic(path, write)
 
 
 def _link_latest(out: Path) -> None:

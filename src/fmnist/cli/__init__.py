@@ -51,6 +51,9 @@ def main(argv=None) -> int:
         # Output piped into `head` and the like: stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the machine's doing (disk full, permission denied), not a bug: one line, no traceback
+        print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted" + ("; continue with --resume RUN" if args.command == "train" else ""),
               file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from fmnist.backends import add_backend_flag
@@ -25,11 +26,22 @@ def register(sub, formatter_class) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("files", nargs="+", help="image files; an IDX file counts as one image per entry")
     p.add_argument("--top-k", type=int, default=3, help="classes listed per image")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=probability, default=None,
                    help="refuse answers under this confidence (default: the run's, 0.60 unless set)")
     p.add_argument("--dry-run", action="store_true", help="check the model and inputs, print no predictions")
     add_backend_flag(p)
     p.set_defaults(func=cmd_predict)
+
+
+def probability(text: str) -> float:
+    """A flag's value in [0, 1]: NaN would turn its gate off (every comparison with NaN is false)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return value
 
 
 def cmd_evaluate(args) -> int:
@@ -47,16 +59,36 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _per_file_errors() -> tuple:
+    """What one input file may raise that is that file's fault or its circumstance, reported per file while the
+    others go on: undecodable or unreadable (ImageError, DataError, OSError), unusable (ValueError), too large
+    to decode (MemoryError). Anything else is a bug and surfaces with its traceback."""
+    from fmnist.data import DataError
+    from fmnist.images import ImageError
+
+    return ImageError, DataError, ValueError, OSError, MemoryError
+
+
+def _file_error(name: str, e: BaseException) -> dict:
+    if isinstance(e, MemoryError):
+        return {"file": name, "error": f"{name}: not enough memory to read this file"}
+    return {"file": name, "error": str(e) or type(e).__name__}
+
+
 def _expand_inputs(files):
-    """Yield (name, item) for each image; an IDX file yields one item per image it holds."""
-    from fmnist.data import DataError, read_idx
+    """Yield (name, item) for each image; an IDX file yields one item per image it holds, an unreadable one
+    the exception."""
+    from fmnist.data import read_idx
 
     for f in files:
         path = Path(f)
-        if path.name.endswith(("-ubyte", "-ubyte.gz", ".idx", ".idx.gz")):
+        if not path.is_file():
+            why = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "no such file"
+            yield f, FileNotFoundError(f"{f}: {why}")
+        elif path.name.endswith(("-ubyte", "-ubyte.gz", ".idx", ".idx.gz")):
             try:
                 arr = read_idx(path)
-            except DataError as e:
+            except _per_file_errors() as e:
                 yield f, e
                 continue
             if arr.ndim != 3 or arr.shape[1:] != (28, 28):
@@ -69,9 +101,9 @@ def _expand_inputs(files):
 
 
 def cmd_predict(args) -> int:
-    from fmnist.data import DataError
-    from fmnist.images import ImageError
+    """One line of strict JSON per image (NaN and infinities are null); a file that fails is its own line."""
     from fmnist.predict import Predictor
+    from fmnist.runfiles import jsonable
 
     predictor = Predictor.from_run(args.run, backend=args.backend, confidence_threshold=args.threshold,
                                    top_k=args.top_k)
@@ -79,17 +111,15 @@ def cmd_predict(args) -> int:
     for name, item in _expand_inputs(args.files):
         total += 1
         try:
-            if isinstance(item, Exception):
+            if isinstance(item, BaseException):
                 raise item
-            if isinstance(item, Path) and not item.is_file():
-                raise ImageError(f"{item}: no such file")
             result = predictor.predict(item)
-        except (ImageError, DataError, ValueError) as e:
+        except _per_file_errors() as e:
             failures += 1
-            print(json.dumps({"file": name, "error": str(e)}), flush=True)
+            print(json.dumps(_file_error(name, e)), flush=True)
             continue
         if not args.dry_run:
-            print(json.dumps({"file": name, **result}), flush=True)
+            print(json.dumps(jsonable({"file": name, **result}), allow_nan=False), flush=True)
     if args.dry_run:
         print(f"dry run ok: {total - failures} of {total} image(s) readable, {failures} failed")
     return 1 if failures else 0

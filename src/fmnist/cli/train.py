@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,8 @@ def _flag(name: str) -> str:
 # Help text for each TrainConfig field; the default shown is the default preset's value.
 TRAIN_HELP = {
     "model": "architecture (see `fmnist models`)",
-    "epochs": "epochs to train (ignored when --time-budget is set)",
+    "epochs": "epochs to train; given without --time-budget, it replaces the preset's time budget "
+              "(given with a --time-budget above 0, it is ignored)",
     "batch_size": "images per step",
     "lr": "peak learning rate",
     "optimizer": "sgd (Nesterov momentum), adam or adamw",
@@ -46,7 +48,10 @@ def register(sub, formatter_class) -> None:
     p = sub.add_parser("train", help="train a model and write a run folder",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a model. With no flags, trains the default preset "
-                                   f"({DEFAULT_PRESET!r}). Presets: " + ", ".join(PRESETS) + ".")
+                                   f"({DEFAULT_PRESET!r}). Presets: " + ", ".join(PRESETS) + ".\n"
+                                   "Explicit flags override the preset's values. The fast, default, best and tiny "
+                                   "presets train on a clock (--time-budget);\nan explicit --epochs without "
+                                   "--time-budget trains that many epochs instead.")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help=f"a named recipe; explicit flags override it (default: {DEFAULT_PRESET})")
     for f in dataclasses.fields(TrainConfig):
@@ -63,8 +68,13 @@ def register(sub, formatter_class) -> None:
         if "(default" not in help_text:
             help_text += f" (default: {default[f.name]})"
         p.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
-    p.add_argument("--out", default=None, help="run folder (default: runs/DATE-PRESET-sSEED)")
-    p.add_argument("--resume", default=None, metavar="RUN", help="continue an interrupted run from RUN/last.pt")
+    p.add_argument("--out", default=None, help="run folder; one that holds a run already is refused, unless "
+                                               "--overwrite (default: runs/DATE-PRESET-sSEED)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", default=None, metavar="RUN", help="continue an interrupted run from RUN/last.pt")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run that --out holds: its files (and RUN/report) are removed first; "
+                            "without this, a folder holding a run is refused")
     p.add_argument("--no-verify", action="store_true", help="accept IDX files whose checksums are not the official ones")
     p.add_argument("--dry-run", action="store_true", help="run two steps on a small slice, write nothing, exit")
     p.set_defaults(func=cmd_train)
@@ -79,17 +89,14 @@ def cmd_train(args) -> int:
     from fmnist.train import resolve_config, train
 
     if args.resume:
-        from fmnist.runfiles import read_json
+        from fmnist.recipes import read_config
 
-        saved = read_json(Path(args.resume) / "config.json")
-        data = load_fashion_mnist(args.data_dir or saved.get("data_dir"), verify=not args.no_verify)
-        with session(saved.get("device", "auto")) as ctx:
+        saved = read_config(Path(args.resume) / "config.json")
+        data = load_fashion_mnist(args.data_dir or saved.data_dir, verify=not args.no_verify)
+        with session(saved.device) as ctx:
             train(None, data=data, resume=args.resume, ctx=ctx)
         return 0
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
-    overrides = {k: getattr(args, k) for k in fields}
-    preset = args.preset or DEFAULT_PRESET
-    cfg = resolve_config(preset, **overrides)
+    cfg = resolve_config(args.preset or DEFAULT_PRESET, **_overrides(args))
     data = load_fashion_mnist(cfg.data_dir, verify=not args.no_verify)
     if args.dry_run:
         cfg = dataclasses.replace(cfg, epochs=1, time_budget=0, subset=min(cfg.subset or 512, 512),
@@ -105,8 +112,21 @@ def cmd_train(args) -> int:
                   "nothing written")
         return 0
     with session(cfg.device) as ctx:
-        train(cfg, out=args.out, data=data, ctx=ctx)
+        train(cfg, out=args.out, data=data, ctx=ctx, overwrite=args.overwrite)
     return 0
+
+
+def _overrides(args) -> dict:
+    """The recipe options given on the command line (None: not given). An explicit --epochs wins over the
+    preset's time budget (the presets train on a clock), unless --time-budget is given too."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
+    overrides = {k: getattr(args, k) for k in fields}
+    if overrides["epochs"] is not None and overrides["time_budget"] is None:
+        overrides["time_budget"] = 0
+    elif overrides["epochs"] is not None and overrides["time_budget"]:
+        print(f"fmnist train: note: --epochs {overrides['epochs']} is ignored: --time-budget "
+              f"{overrides['time_budget']:g} sizes the schedule", file=sys.stderr)
+    return overrides
 
 
 def cmd_models(args) -> int:

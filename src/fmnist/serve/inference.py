@@ -19,7 +19,6 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import math
 import struct
 import sys
 import zlib
@@ -27,6 +26,7 @@ import zlib
 import numpy as np
 
 from fmnist.images import ImageError, decode_image
+from fmnist.runfiles import jsonable  # noqa: F401 (re-exported: the app uses it)
 
 log = logging.getLogger("fmnist.serve")
 
@@ -135,21 +135,6 @@ def png_base64(img: np.ndarray) -> str:
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
     return base64.b64encode(png).decode("ascii")
-
-
-def jsonable(v):
-    """Plain JSON types; NaN and infinities become null (strict JSON has no such numbers)."""
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, np.ndarray) or hasattr(v, "detach"):  # arrays, and tensors without importing PyTorch
-        return jsonable(v.tolist())
-    if isinstance(v, np.generic):
-        return jsonable(v.item())
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 # --- the model ----------------------------------------------------------------------------------------------
