@@ -168,6 +168,32 @@ def _as_bytes(data) -> bytes:
     return data
 
 
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Pillow's image of ``data``, header read and size checked, pixels not decoded yet; ImageError otherwise."""
+    try:
+        im = Image.open(io.BytesIO(data), formats=_AVAILABLE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _bomb(max_pixels) from None
+    except Image.UnidentifiedImageError:
+        other = _sniff_unsupported(data[:64])
+        if other:
+            raise ImageError(f"unsupported image format: {other}; please upload a {_SUPPORTED_TEXT} "
+                             f"image") from None
+        raise ImageError(f"cannot identify the image: the data is not a {_SUPPORTED_TEXT} image, "
+                         f"or its header is corrupt") from None
+    except Exception as e:  # noqa: BLE001 - any parser failure is the upload's fault
+        raise ImageError("cannot read the image: its header is truncated or corrupt "
+                         f"({type(e).__name__})") from None
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        im.close()
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        im.close()
+        raise _too_large(width, height, max_pixels)
+    return im
+
+
 def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
                  max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode untrusted image bytes (or a file path) into a fully loaded Pillow image.
@@ -194,27 +220,7 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
             else:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                im = Image.open(io.BytesIO(data), formats=_AVAILABLE_FORMATS)
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                raise _bomb(max_pixels) from None
-            except Image.UnidentifiedImageError:
-                other = _sniff_unsupported(data[:64])
-                if other:
-                    raise ImageError(f"unsupported image format: {other}; please upload a {_SUPPORTED_TEXT} "
-                                     f"image") from None
-                raise ImageError(f"cannot identify the image: the data is not a {_SUPPORTED_TEXT} image, "
-                                 f"or its header is corrupt") from None
-            except Exception as e:  # noqa: BLE001 - any parser failure is the upload's fault
-                raise ImageError("cannot read the image: its header is truncated or corrupt "
-                                 f"({type(e).__name__})") from None
-
-            width, height = im.size
-            if width <= 0 or height <= 0:
-                raise ImageError(f"image has no pixels ({width}x{height})")
-            if width * height > max_pixels:
-                raise _too_large(width, height, max_pixels)
-
+            im = _open(data, max_pixels)
             try:
                 # First frame of animated GIF/WebP/APNG/multi-page TIFF (open() leaves us on it; be explicit).
                 # Not n_frames: for GIF and TIFF it walks every frame, and a few MB can hold 300,000 of them.

@@ -85,31 +85,41 @@ def to_dataset_format(image) -> np.ndarray:
         if gray is None:  # nothing opaque: blank
             return np.zeros((_SIZE, _SIZE), np.uint8)
 
-    if gray.shape == (_SIZE, _SIZE):
-        q = np.rint(gray)
-        if np.abs(q - gray).max() < 1e-3 and q.min() >= 0 and q.max() <= 255:
-            q = q.astype(np.uint8)
-            if _looks_like_dataset(q):
-                return q
-
-    gray = _shrink(gray, _WORK_SIZE)
-
-    # 2. background level and polarity
-    bg, noise = _background(_border_pixels(gray))
-    thr = max(_FG_MIN_LEVEL, _FG_NOISE_K * noise)
-    diff = gray - bg
-    fg = np.abs(diff) > thr
-    invert = bool(diff[fg].sum() < 0) if fg.any() else bg > 127.5
-    if invert:
-        diff = -diff
+    same = _dataset_28(gray)
+    if same is not None:
+        return same
+    d, thr = _object_levels(_shrink(gray, _WORK_SIZE))
 
     # 3. subtract the background, crop to the object
-    d = np.clip(diff, 0.0, None)
     box = _object_box(d > thr)
     if box is None:  # no object (or only specks): keep the whole frame, only what stands out of the noise
         return _frame(np.clip(d - thr, 0.0, None), stretch=False)
     top, bottom, left, right = box
     return _frame(d[top:bottom, left:right], stretch=True)
+
+
+def _dataset_28(gray: np.ndarray) -> np.ndarray | None:
+    """A 28x28 luminance plane whose values are whole numbers and that looks like a data-set image, as uint8
+    (it is returned as it is: an image in the format, sent as RGB or with an alpha plane); else None."""
+    if gray.shape != (_SIZE, _SIZE):
+        return None
+    q = np.rint(gray)
+    if np.abs(q - gray).max() < 1e-3 and q.min() >= 0 and q.max() <= 255:
+        q = q.astype(np.uint8)
+        if _looks_like_dataset(q):
+            return q
+    return None
+
+
+def _object_levels(gray: np.ndarray) -> tuple[np.ndarray, float]:
+    """Step 2: (how far each pixel stands out of the background, towards the garment's side; the noise
+    threshold). The image is inverted when the pixels that stand out are darker overall."""
+    bg, noise = _background(_border_pixels(gray))
+    thr = max(_FG_MIN_LEVEL, _FG_NOISE_K * noise)
+    diff = gray - bg
+    fg = np.abs(diff) > thr
+    invert = bool(diff[fg].sum() < 0) if fg.any() else bg > 127.5
+    return np.clip(-diff if invert else diff, 0.0, None), thr
 
 
 def is_blank(img28: np.ndarray, min_std: float = 8.0, min_pixels: int = 12, level: int = 32) -> bool:
