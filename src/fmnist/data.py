@@ -336,3 +336,12 @@ def split_indices(labels: torch.Tensor, config) -> tuple[torch.Tensor, torch.Ten
     if get("subset", 0):
         train_idx = train_idx[: int(get("subset"))]
     return train_idx, val_idx
+
+
+def add_data_flags(p, threads: bool = True) -> None:
+    """The flags of every command that reads the data set: where it is, whether to check it, CPU threads."""
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the four IDX files (default: search: FMNIST_DATA, Debian's folder, the cache)")
+    p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
+    if threads:
+        p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = physical cores)")

@@ -70,6 +70,8 @@ def register(sub, formatter_class) -> None:
 
 
 def add_arguments(p) -> None:
+    from fmnist.data import add_data_flags
+
     p.add_argument("run", help="run folder")
     p.add_argument("--int8", action="store_true",
                    help="also write model.int8.onnx, statically quantised on training images")
@@ -78,9 +80,7 @@ def add_arguments(p) -> None:
                    help="training images that calibrate the int8 ranges")
     p.add_argument("--limit", type=int, default=0,
                    help="validate on the first N test images only (0 = all 10,000)")
-    p.add_argument("--data-dir", default=None, help="folder holding the IDX files (default: search)")
-    p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for validation (0 = physical cores)")
+    add_data_flags(p)
 
 
 def cmd_export(args) -> int:

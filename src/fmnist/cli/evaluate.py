@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from fmnist.backends import add_backend_flag
+from fmnist.data import add_data_flags
 
 
 def register(sub, formatter_class) -> None:
@@ -14,9 +15,7 @@ def register(sub, formatter_class) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--tta", default=None, action=argparse.BooleanOptionalAction,
                    help="mirrored test-time augmentation (default: as the run was trained)")
-    p.add_argument("--data-dir", default=None, help="folder holding the IDX files (default: search, see README)")
-    p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = physical cores)")
+    add_data_flags(p)
     p.add_argument("--dry-run", action="store_true", help="evaluate 256 images, write nothing")
     add_backend_flag(p)
     p.set_defaults(func=cmd_evaluate)

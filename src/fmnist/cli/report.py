@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from fmnist.data import add_data_flags
 from fmnist.run import Run
 
 
@@ -42,9 +43,7 @@ def register(sub, formatter_class) -> None:
                                    "(figures embedded) and the figures as PNGs.")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN/report)")
-    p.add_argument("--data-dir", default=None, help="folder holding the IDX files (default: search)")
-    p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = physical cores")
+    add_data_flags(p)
     p.add_argument("--limit", type=int, default=0, metavar="N", help="use only the first N test images; 0 = all")
     p.set_defaults(func=cmd_report)
 

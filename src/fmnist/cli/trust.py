@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from fmnist.data import add_data_flags
+
 EXTRAS_HINT = "pip install scikit-image scikit-learn"
 
 
@@ -33,7 +35,7 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--fit-size", type=int, default=FIT_SIZE, help="training images that fit the OOD statistics")
     p.add_argument("--coverage", type=float, default=DEFAULT_COVERAGE,
                    help="share of images whose candidate set holds the true label, strictly between 0 and 1")
-    _data_flags(p)
+    add_data_flags(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("ood-eval", formatter_class=formatter_class,
@@ -48,14 +50,8 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of the generated sets")
     p.add_argument("--by-part", action="store_true", help="also print the AUROC of each OOD score alone")
     p.add_argument("--no-write", action="store_true", help="do not write RUN/ood_eval.json")
-    _data_flags(p)
+    add_data_flags(p)
     p.set_defaults(func=cmd_ood_eval)
-
-
-def _data_flags(p) -> None:
-    p.add_argument("--data-dir", default=None, help="folder holding the IDX files (default: search)")
-    p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = physical cores)")
 
 
 # --- calibrate -------------------------------------------------------------------------------------------------

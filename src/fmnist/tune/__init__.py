@@ -20,6 +20,7 @@ SPACE_HELP = " (default: the preset's)"
 
 def register(sub, formatter_class) -> None:
     from fmnist.cli.train import TRAIN_HELP
+    from fmnist.data import add_data_flags
     from fmnist.recipes import PRESETS
     from fmnist.tune.space import option_types
 
@@ -64,8 +65,7 @@ def register(sub, formatter_class) -> None:
     g.add_argument("--device", default=None, help="auto, cpu or cuda (default: the preset's)")
     g.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS",
                    help="PostgreSQL only: a worker silent for 3 heartbeats is dead, its trial run again")
-    g.add_argument("--data-dir", default=None, help="folder holding the IDX files (default: search, see README)")
-    g.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
+    add_data_flags(g, threads=False)
     p.set_defaults(func=cmd_tune)
 
 
