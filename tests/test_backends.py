@@ -73,6 +73,22 @@ def test_int8_backend_evaluates_close_to_fp32(exported, synthetic_data):
     assert int8["backend"] == "onnx-int8" and abs(int8["accuracy"] - fp32["accuracy"]) <= 0.03
 
 
+def test_new_weights_remove_the_exported_files(exported, tmp_path):
+    """ONNX files of earlier weights must never answer for the model now in the folder."""
+    from fmnist.run import Run, save_model
+
+    run = shutil.copytree(exported, tmp_path / "run")
+    save_model(run, Run.load(run).model(), {k: v for k, v in Run.load(run).meta.items() if k != "onnx"})
+    assert not (run / "model.onnx").exists() and not (run / "model.int8.onnx").exists()
+    assert Predictor.from_run(run, backend="auto").backend.name == "torch"
+
+
+def test_serve_refuses_a_missing_engine_before_starting(trained_run, capsys):
+    assert main(["serve", str(trained_run), "--backend", "onnx", "--port", "8765"]) == 2
+    err = capsys.readouterr()
+    assert "model.onnx not found" in err.err and "serving" not in err.out
+
+
 def test_unknown_backend_is_refused(exported):
     with pytest.raises(ValueError, match="unknown backend"):
         Predictor.from_run(exported, backend="tensorrt")
@@ -85,7 +101,7 @@ NO_TORCH = ("import runpy, sys\n"
             "class Block:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name == 'torch' or name.startswith('torch.'):\n"
-            "            raise ImportError('PyTorch is not installed here')\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
             "sys.meta_path.insert(0, Block())\n"
             "sys.argv = sys.argv[1:]\n"
             "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
@@ -123,6 +139,11 @@ def test_predict_without_pytorch(exported, synthetic_data, tmp_path):
     want = Predictor.from_run(exported, backend="torch").predict_batch([f.read_bytes() for f in files])
     assert [(g["label"], g["verdict"], g["reason"]) for g in got] == [(w["label"], w["verdict"], w["reason"])
                                                                      for w in want]
+    # a command that needs PyTorch says so in one line
+    proc = _no_torch("fmnist.cli", "calibrate", str(exported), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     text=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "needs PyTorch" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

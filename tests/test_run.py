@@ -66,6 +66,10 @@ def _tamper(path: Path, change) -> None:
     (lambda m: {**m, "schema_version": SCHEMA_VERSION + 1}, "a newer fmnist wrote it"),
     (lambda m: {**m, "model": 7}, "model must name an architecture"),
     (lambda m: {**m, "ood": "yes"}, "ood must be an object"),
+    (lambda m: {**m, "onnx": []}, "onnx must be an object"),
+    (lambda m: {**m, "onnx": {"files": {"model.onnx": "x"}}}, "onnx must be an object"),
+    (lambda m: {**m, "conformal": {"method": "raps", "coverage": 0.95, "classes": 5, "k_reg": 2, "lam": 0.1,
+                                   "qhat": 0.5, "n": 100}}, "conformal parameters are for 5 classes"),
 ])
 def test_tampered_model_json_gives_one_clear_error(v1, change, message):
     _tamper(v1, change)

@@ -341,3 +341,13 @@ def test_presets_resolve_to_known_models(preset):
     if preset == "tiny":  # the "under 100,000 parameters"
         from fmnist.models import count_parameters, create_model
         assert count_parameters(create_model(cfg.model)) < 100_000
+
+
+def test_a_diverging_recipe_stops_with_one_clear_error(tmp_path, small_data):
+    from fmnist.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="training diverged at epoch 1.*lower --lr"):
+        train(config(lr=1e12, epochs=2), out=tmp_path / "run", data=small_data, quiet=True)
+    for name in ("config.json", "env.json"):  # what was written is still valid JSON
+        _strict_json((tmp_path / "run" / name).read_text())
+    assert not (tmp_path / "run" / "model.json").exists()  # no model of a diverged epoch

@@ -158,6 +158,7 @@ def test_space_file_errors(tmp_path, text, message):
     (["--lr", "1e-3,1e-2", "--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot use --storage"),
     (["--lr", "1e-3,1e-2", "--storage", "mysql://db/x"], "give postgresql://"),
     (["--lr", "1e-3,1e-2", "--workers", "0"], "--workers must be at least 1"),
+    (["--lr", "1e-3,1e-2", "--n-trials", "0"], "--n-trials must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, argv, message):
     assert main(["tune", *argv, *tiny]) == 2

@@ -2,8 +2,8 @@
 
 ``OnnxBackend`` runs ``RUN/model.onnx`` (or ``model.int8.onnx``, see :mod:`fmnist.export`) with ONNX Runtime
 and needs neither PyTorch nor ``onnx``: this module and everything it imports stay free of ``torch``, so a
-deployment can drop the 1 GB dependency. ``TorchBackend`` wraps a PyTorch model behind the same interface
-(PyTorch imported only when it is built). Test-time augmentation is the caller's job: ``run`` is one pass.
+deployment can drop the 1 GB dependency. Its PyTorch twin is :class:`fmnist.forward.TorchBackend`; both are
+built by :meth:`fmnist.run.Run.backend`. Test-time augmentation is the caller's job: ``run`` is one pass.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ A *backend* runs the network once on a normalised float32 batch (N, 1, 28, 28) a
 features (N, D) and the logits (N, C) as NumPy float32 arrays. :func:`forward` adds what every caller shares:
 batching and mirrored test-time augmentation (TTA). Training validation, ``fmnist evaluate``, the trust fit,
 the Predictor (and so ``fmnist predict``, ``ood-eval`` and the server) all call it, so the accuracy reported
-and the answer served come from the same code. A new backend (ONNX Runtime, say) implements ``run`` and
-nothing else changes.
+and the answer served come from the same code. Backends: :class:`TorchBackend` here and
+:class:`fmnist.backends.OnnxBackend` (ONNX Runtime); another implements ``run`` and nothing else changes.
 
 TTA: the image and its mirror go through the network in *one* call (half the per-call overhead that dominates
 small batches); features and logits are the means of the two views. With a linear head the mean of the

@@ -152,10 +152,6 @@ class Predictor:
         return conformal.verdict(is_blank(img), conformal.is_ood(ood_score, self.ood_threshold), probs_row,
                                  self.confidence_threshold, mask)
 
-    def reason(self, img: np.ndarray, probs_row: np.ndarray, ood_score: float | None) -> str | None:
-        """Why an answer is refused or hedged (None: answered)."""
-        return self.judge(img, probs_row, ood_score)[1]
-
     def _result(self, img: np.ndarray, probs_row, scores: list[float], ids: list[int], ood_score: float | None,
                 mask, return_image: bool) -> dict:
         verdict, reason, candidates = self.judge(img, probs_row, ood_score, mask)

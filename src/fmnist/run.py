@@ -74,6 +74,9 @@ class Run:
 
             try:
                 self.conformal = validate_params(meta["conformal"])
+                if self.conformal["classes"] != len(self.class_names):
+                    raise ValueError(f"conformal parameters are for {self.conformal['classes']} classes, the "
+                                     f"model has {len(self.class_names)}")
             except ValueError as e:
                 raise CheckpointError(f"{where}: {e}") from None
         self.detector = None
@@ -144,9 +147,10 @@ class Run:
             path = self.path / (FP32 if kind == "onnx" else INT8)
             return self._probed(OnnxBackend(path, threads=threads, meta=self.meta), path)
         if not importable("torch"):
-            raise MissingDependency(f"{self.path}: PyTorch is not installed here, and the run has no {FP32} for "
-                                    f"ONNX Runtime: export it where PyTorch is (fmnist export {self.path}), or "
-                                    "install torch")
+            hint = ("use --backend onnx" if (self.path / FP32).is_file() else
+                    f"export the run where PyTorch is (fmnist export {self.path}) to serve it with ONNX Runtime")
+            raise MissingDependency(f"{self.path}: the torch backend needs PyTorch, which is not installed here: "
+                                    f"install torch, or {hint}")
         from fmnist.forward import TorchBackend
 
         return self._probed(TorchBackend(self.model(device), fold_bn=fold_bn), self.path / WEIGHTS)
@@ -215,6 +219,10 @@ def _check_meta(meta, where: Path) -> None:
                               f"got {spec.get('size')!r}")
     _finite(spec.get("mean"), "preprocessing.mean", where, 0.0, 1.0)
     _finite(spec.get("std"), "preprocessing.std", where, 0.0, 1.0, open_low=True)
+    onnx = meta.get("onnx")
+    if onnx is not None and not (isinstance(onnx, dict) and isinstance(onnx.get("files", {}), dict)
+                                 and all(isinstance(f, dict) for f in onnx.get("files", {}).values())):
+        raise CheckpointError(f"{where}: onnx must be an object whose files are objects (written by fmnist export)")
     for key in ("calibration", "ood", "conformal", "thresholds", "metrics", "recipe"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise CheckpointError(f"{where}: {key} must be an object")
@@ -232,6 +240,10 @@ def save_model(run_dir, model, meta: dict) -> None:
 
     run_dir = Path(run_dir)
     save_tensors(run_dir / WEIGHTS, model.state_dict(), metadata={"format": MODEL_FORMAT})
+    # ONNX files exported from earlier weights would answer for a model that no longer exists (model.json,
+    # rewritten below, no longer describes them): a run folder never holds them past its weights.
+    for name in ("model.onnx", "model.int8.onnx"):
+        (run_dir / name).unlink(missing_ok=True)
     meta = {"format": MODEL_FORMAT, "schema_version": SCHEMA_VERSION, "model": model.arch_name,
             "parameters": count_parameters(model), **meta}
     write_json(run_dir / MODEL_JSON, meta)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,10 @@ from fmnist.recipes import (
 from fmnist.run import check_new_run_folder, created_now, remove_run, save_model
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "Context", "TrainConfig", "resolve_config", "train"]
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: the recipe is unstable (a learning rate too high, say)."""
 
 
 @dataclass
@@ -235,6 +240,10 @@ def validate_and_keep(job: Job, st: State, train_row: dict, t_epoch: float) -> t
            "val_loss": float(F.cross_entropy(val_logits, d.y_val)) if has_val else None,
            "val_acc": float((val_logits.argmax(1) == d.y_val).double().mean()) if has_val else None,
            "lr": train_row["lr"], "seconds": time.monotonic() - t_epoch, "elapsed": job.budget.elapsed()}
+    if not all(math.isfinite(row[k]) for k in ("train_loss", "val_loss") if row[k] is not None):
+        raise TrainingDiverged(f"training diverged at epoch {st.epoch}: loss {row['train_loss']:.4g} (train), "
+                               f"{row['val_loss']} (validation); try a lower --lr. The run folder keeps the "
+                               "last finite epoch's model and resume state")
     value = row[cfg.select]
     sign = 1.0 if cfg.select == "val_loss" else -1.0
     improved = not has_val or st.best["value"] is None or sign * value < sign * st.best["value"]

@@ -1,7 +1,7 @@
 """The ``fmnist`` command line: one subcommand per stage, kebab-case flags whose help states the default.
 
 Commands live in this package by job (train, evaluate/predict, trust, report/compare) and in
-:mod:`fmnist.serve.cli`; :data:`COMMANDS` registers them explicitly.
+:mod:`fmnist.tune`, :mod:`fmnist.export` and :mod:`fmnist.serve.cli`; :data:`COMMANDS` registers them explicitly.
 """
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ def main(argv=None) -> int:
         return args.func(args)
     except (DataError, CheckpointError, ValueError) as e:
         print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "torch":
+            raise
+        print(f"fmnist {args.command}: error: this command needs PyTorch, which is not installed here "
+              "(pip install torch==2.13.0; a deployment without it can run `predict` and `serve` on an exported "
+              "run with --backend onnx)", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # Output piped into `head` and the like: stop quietly, as other command-line tools do.

@@ -108,8 +108,9 @@ def cmd_train(args) -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if ctx.is_main:
-            print(f"dry run ok: {cfg.model}, 2 steps, val acc {100 * summary['best']['val_acc']:.1f} %; "
-                  "nothing written")
+            val = summary["best"]["val_acc"]
+            print(f"dry run ok: {cfg.model}, 2 steps, "
+                  + (f"val acc {100 * val:.1f} %" if val is not None else "no validation split") + "; nothing written")
         return 0
     with session(cfg.device) as ctx:
         train(cfg, out=args.out, data=data, ctx=ctx, overwrite=args.overwrite)

@@ -6,7 +6,7 @@ arrive (413 past the limit); the route checks the content type (415) and takes a
 are taken) while FastAPI receives and parses the multipart body (400 if it never closes); only then, with the
 body in, does the request take an in-flight slot (503 + Retry-After when all are taken), so that slow uploads
 hold no inference slot. Decoding and inference run off the event loop on ``threads`` worker threads, each
-running PyTorch single-threaded, one upload at a time, and images ready while the workers are busy are served
+running the model (PyTorch or ONNX Runtime, ``--backend``) on one thread, one upload at a time, and images ready while the workers are busy are served
 together by one model call (:mod:`fmnist.serve.batching`). Every error, from any layer, is JSON.
 """
 import functools

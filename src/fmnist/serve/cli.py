@@ -84,16 +84,17 @@ def settings_from_args(args) -> Settings:
     return Settings(run_dir=args.run, **values)
 
 
-def check_run(run) -> None:
-    """A clear error now rather than a failed start-up later (the model itself is loaded once, at start-up)."""
+def check_run(run, backend: str = "auto") -> None:
+    """A clear error now (a bad run folder, a missing engine, a damaged or non-finite model) rather than a
+    failed start-up after "serving at" (the server loads the model again, once, at start-up)."""
     from fmnist.run import Run
 
-    Run.load(run)
+    Run.load(run).backend(backend, fold_bn=True)
 
 
 def cmd_serve(args) -> int:
     settings = settings_from_args(args)
-    check_run(args.run)
+    check_run(args.run, settings.backend)
     import logging
 
     import uvicorn

@@ -2,7 +2,8 @@
 
 - :mod:`~fmnist.trust.calibration`: temperature scaling and the metrics that judge it (ECE, NLL, Brier);
 - :mod:`~fmnist.trust.ood`: the out-of-distribution detector (is this a garment at all?);
-- :mod:`~fmnist.trust.fit`: fitting both for a run (end of ``fmnist train``, ``fmnist calibrate``);
+- :mod:`~fmnist.trust.conformal`: candidate sets (split conformal prediction) and the verdict of an answer;
+- :mod:`~fmnist.trust.fit`: fitting all three for a run (end of ``fmnist train``, ``fmnist calibrate``);
 - :mod:`~fmnist.trust.metrics`: AUROC and FPR at a TPR of an OOD score;
 - :mod:`~fmnist.trust.eval_sets`: the out-of-distribution image sets ``fmnist ood-eval`` measures on;
 - :mod:`~fmnist.trust.evaluation`: that measurement, through the Predictor's own path.

@@ -1,4 +1,4 @@
-"""Fit the trust layer of a run: temperature (calibration) and out-of-distribution detector.
+"""Fit the trust layer of a run: temperature (calibration), out-of-distribution detector, candidate sets.
 
 Called at the end of every ``fmnist train`` and by ``fmnist calibrate RUN``. It loads the *kept* model of the
 run, computes features and logits once (:func:`fmnist.forward.forward`, as the Predictor does) for a sample of
@@ -6,15 +6,17 @@ the training split and for the validation split, then
 
 - fits the temperature on the validation logits (:mod:`fmnist.trust.calibration`),
 - fits the OOD statistics on the training sample and sets the threshold on validation (:mod:`fmnist.trust.ood`),
+- fits the candidate sets on the calibrated validation probabilities (:mod:`fmnist.trust.conformal`),
 
-and stores them with the model: ``model.json["calibration"]``, ``model.json["ood"]`` and ``RUN/ood.safetensors``.
+and stores them with the model: ``model.json["calibration"]``, ``["ood"]``, ``["conformal"]`` and
+``RUN/ood.safetensors``.
 The test split is never used here.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fmnist.forward import TorchBackend, forward, probabilities
+from fmnist.forward import forward, probabilities
 from fmnist.preprocess import preprocess
 from fmnist.run import Run
 from fmnist.trust import conformal
@@ -72,7 +74,7 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
     train_idx, val_idx = run.split(data.train_labels)
     if len(val_idx) < 20:
         return {"skipped": "no validation split to calibrate on (--val-size 0)"}
-    backend = TorchBackend(run.model(device or "cpu"))
+    backend = run.backend("torch", device or "cpu")  # refuses a model with non-finite outputs
     num_classes = len(run.class_names)
     train_idx = train_idx[stratified_sample(data.train_labels[train_idx], fit_size, seed)]
     tr_labels, va_labels = data.train_labels[train_idx], data.train_labels[val_idx]

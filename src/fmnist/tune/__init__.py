@@ -83,7 +83,7 @@ def settings_from_args(args):
                          "or a list (--batch-size 64,128)")
     for flag, value, low in (("--workers", args.workers, 1), ("--prune-after", args.prune_after, 0),
                              ("--timeout", args.timeout, 0), ("--heartbeat", args.heartbeat, 1),
-                             ("--threads", args.threads, 0), ("--n-trials", args.n_trials or 1, 1)):
+                             ("--threads", args.threads, 0), ("--n-trials", 1 if args.n_trials is None else args.n_trials, 1)):
         if value < low:
             raise ValueError(f"{flag} must be at least {low}")
     study = args.study or space.preset

@@ -212,7 +212,13 @@ def train_trial(trial, s: Settings, data) -> float:
             return True  # train() stops after this epoch and still leaves a complete run folder
         return False
 
-    summary = train(cfg, out=out, data=data, on_epoch_end=on_epoch_end, quiet=True)
+    from fmnist.train import TrainingDiverged
+
+    try:
+        summary = train(cfg, out=out, data=data, on_epoch_end=on_epoch_end, quiet=True)
+    except TrainingDiverged as e:
+        trial.set_user_attr("diverged", str(e))
+        return objective_value(None, s.metric)  # the worst value: the sampler learns to stay away from it
     if pruned_at:
         raise optuna.TrialPruned(f"pruned after epoch {pruned_at[0]}")
     return objective_value(summary["best"], s.metric)
