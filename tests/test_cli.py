@@ -220,3 +220,16 @@ def test_resume_from_the_cli_on_unverified_data(tmp_path, capsys, data_dir):
     assert capsys.readouterr().err == ""
     assert code == 0
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 2
+
+
+def test_predict_on_an_idx_file_batches_the_model_calls(trained_run, idx_dir, capsys, monkeypatch):
+    from fmnist.predict import Predictor
+
+    calls = []
+    real = Predictor.predict_prepared
+    monkeypatch.setattr(Predictor, "predict_prepared", lambda self, images, return_image=False: calls.append(
+        len(images)) or real(self, images, return_image))
+    assert main(["predict", str(trained_run), str(idx_dir / "t10k-images-idx3-ubyte")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 300 and lines[0]["file"].endswith("[0]") and lines[-1]["file"].endswith("[299]")
+    assert calls == [256, 44]  # two model calls, not one per image

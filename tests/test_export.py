@@ -176,6 +176,20 @@ def test_run_without_weights(tmp_path, trained_run):
     assert not (run / FP32).exists() and (run / "model.json").read_bytes() == before
 
 
+def test_an_export_that_fails_its_check_is_withdrawn(tmp_path, trained_run, idx_dir, capsys, monkeypatch):
+    import fmnist.export
+    from fmnist.predict import Predictor
+
+    monkeypatch.setattr(fmnist.export, "FP32_TOLERANCE", -1.0)  # any difference from PyTorch fails the check
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=FRESH)
+    assert main(["export", str(run), "--limit", "20", "--threads", "1", "--data-dir", str(idx_dir),
+                 "--no-verify"]) == 1
+    assert "files are removed" in capsys.readouterr().out
+    assert not (run / FP32).exists() and read_json(run / "model.json").get("onnx") is None
+    assert read_json(run / "export.json")["ok"] is False  # kept, to see what differed
+    assert Predictor.from_run(run, backend="auto").backend.name == "torch"
+
+
 def test_failure_while_quantising_writes_nothing(tmp_path, trained_run, synthetic_data, monkeypatch):
     import fmnist.export
 

@@ -219,12 +219,12 @@ def test_predictor_thresholds_that_would_turn_a_gate_off_are_refused(v1, kwargs)
 def test_predict_prints_strict_json_even_for_non_finite_numbers(v1, tmp_path, capsys, monkeypatch):
     from fmnist.predict import Predictor
 
-    real = Predictor.predict
+    real = Predictor.predict_prepared
 
-    def with_nan(self, item, return_image=False):
-        return {**real(self, item), "score": float("nan"), "ood_score": float("inf")}
+    def with_nan(self, images28, return_image=False):
+        return [{**r, "score": float("nan"), "ood_score": float("inf")} for r in real(self, images28)]
 
-    monkeypatch.setattr(Predictor, "predict", with_nan)
+    monkeypatch.setattr(Predictor, "predict_prepared", with_nan)
     assert main(["predict", str(v1), png(tmp_path / "a.png")]) == 0
     [line] = strict_json_lines(capsys.readouterr().out)
     assert line["score"] is None and line["ood_score"] is None and line["label"]

@@ -103,7 +103,22 @@ def cmd_export(args) -> int:
     report = validate_onnx(run, data.test_images[:n], data.test_labels[:n], threads=args.threads)
     print(format_validation(report))
     print(f"wrote {run / 'export.json'}")
-    return 0 if report["ok"] else 1
+    if not report["ok"]:
+        withdraw(run)
+        print(f"the export differs from PyTorch by more than {FP32_TOLERANCE:g}: its files are removed (see "
+              f"{run / 'export.json'}), so that no backend serves them")
+        return 1
+    return 0
+
+
+def withdraw(run_dir) -> None:
+    """Remove a run's exported files and their record (an export that failed its check must not be served)."""
+    from fmnist.run import Run
+
+    run = Run.load(run_dir, detector=False)
+    run.update(onnx=None)
+    for name in (FP32, INT8):
+        (run.path / name).unlink(missing_ok=True)
 
 
 # --- export ----------------------------------------------------------------------------------------------------

@@ -99,6 +99,9 @@ def _expand_inputs(files):
             yield f, path
 
 
+PREDICT_BATCH = 256  # images per model call: an IDX file of 10,000 images is 40 calls, not 10,000
+
+
 def cmd_predict(args) -> int:
     """One line of strict JSON per image (NaN and infinities are null); a file that fails is its own line."""
     from fmnist.predict import Predictor
@@ -107,18 +110,29 @@ def cmd_predict(args) -> int:
     predictor = Predictor.from_run(args.run, backend=args.backend, confidence_threshold=args.threshold,
                                    top_k=args.top_k)
     failures = total = 0
+    pending: list[tuple[str, object]] = []  # prepared images waiting for one model call (an IDX file holds many)
+
+    def flush() -> None:
+        results = predictor.predict_prepared([image for _, image in pending]) if pending else []
+        for (name, _), result in zip(pending, results):
+            if not args.dry_run:
+                print(json.dumps(jsonable({"file": name, **result}), allow_nan=False), flush=True)
+        pending.clear()
+
     for name, item in _expand_inputs(args.files):
         total += 1
         try:
             if isinstance(item, BaseException):
                 raise item
-            result = predictor.predict(item)
+            pending.append((name, predictor.to_image28(item)))  # decoding and preparing: the file's own errors
         except _per_file_errors() as e:
+            flush()  # lines stay in the order of the inputs
             failures += 1
             print(json.dumps(_file_error(name, e)), flush=True)
             continue
-        if not args.dry_run:
-            print(json.dumps(jsonable({"file": name, **result}), allow_nan=False), flush=True)
+        if len(pending) >= PREDICT_BATCH:
+            flush()
+    flush()
     if args.dry_run:
         print(f"dry run ok: {total - failures} of {total} image(s) readable, {failures} failed")
     return 1 if failures else 0

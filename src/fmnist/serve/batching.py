@@ -33,6 +33,7 @@ class Batcher:
         self.limiter = anyio.CapacityLimiter(workers)
         self._threads = anyio.CapacityLimiter(workers)
         self._queue: list[tuple[list, asyncio.Future]] = []
+        self._tasks: set = set()
         self._running = 0
 
     async def submit(self, uploads: list[tuple[str, bytes]]) -> list[dict]:
@@ -56,7 +57,10 @@ class Batcher:
         self._queue.append((images, future))
         if self._running < self.workers:
             self._running += 1
-            asyncio.get_running_loop().create_task(self._drain())
+            # The event loop keeps only a weak reference to a task: hold it until it is done.
+            task = asyncio.get_running_loop().create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await future
 
     async def _drain(self) -> None:
