@@ -123,3 +123,19 @@ def test_a_config_json_that_is_not_an_object(v1):
     (v1 / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="config.json does not hold a JSON object"):
         Run.load(v1)
+
+
+def test_a_detector_file_from_another_fit_is_refused(tmp_path):
+    """model.json records the SHA-256 of the statistics it was fitted with (runs fitted before this have none)."""
+    from conftest import make_synthetic
+
+    from fmnist.trust.fit import fit_trust
+
+    run = Path(shutil.copytree(V1, tmp_path / "run"))
+    fit_trust(run, make_synthetic(), parts=["energy", "stats"])
+    assert "sha256" in read_json(run / "model.json")["ood"] and Run.load(run).detector is not None
+    other = Path(shutil.copytree(run, tmp_path / "other"))
+    fit_trust(other, make_synthetic(seed=3), parts=["energy", "stats"])
+    shutil.copy(other / "ood.safetensors", run / "ood.safetensors")
+    with pytest.raises(CheckpointError, match="not the file .*model.json was fitted with"):
+        Run.load(run)

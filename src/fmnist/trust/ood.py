@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist.runfiles import CheckpointError, load_arrays, save_arrays
+from fmnist.runfiles import CheckpointError, load_arrays, save_arrays, sha256
 
 OOD_FORMAT = "fmnist-ood/1"
 OOD_FILE = "ood.safetensors"
@@ -257,8 +257,11 @@ class Detector:
 
     def save(self, run_dir) -> dict:
         """Write RUN/ood.safetensors; return the JSON part for ``model.json["ood"]``."""
-        save_arrays(Path(run_dir) / OOD_FILE, {k: _as_array(v) for k, v in self.tensors.items()},
-                    metadata={"format": OOD_FORMAT})
+        path = Path(run_dir) / OOD_FILE
+        save_arrays(path, {k: _as_array(v) for k, v in self.tensors.items()}, metadata={"format": OOD_FORMAT})
+        # The two halves of the detector are two files: model.json records which statistics it was fitted with,
+        # so a file from another fit (or altered) is refused at load instead of scoring with the wrong numbers.
+        self.config["sha256"] = sha256(path.read_bytes())
         return dict(self.config)
 
     @classmethod
@@ -277,6 +280,9 @@ class Detector:
         if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
             raise CheckpointError(f"{Path(run_dir) / 'model.json'}: OOD threshold must be a finite number, "
                                   f"got {threshold!r}")
+        if "sha256" in config and sha256(path.read_bytes()) != config["sha256"]:
+            raise CheckpointError(f"{path} is not the file {Path(run_dir) / 'model.json'} was fitted with (its SHA-256 "
+                                  "differs): restore it, or refit with `fmnist calibrate RUN`")
         det = cls(load_arrays(path), config)
         need = {"orientation": "pixel"}
         missing = [n for n in det.parts if n not in NEEDS_NO_FIT
