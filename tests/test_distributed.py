@@ -66,13 +66,13 @@ def spawn_two(jobs: list, idx_dir, timeout: float = 120) -> None:
             pytest.fail(f"two-process training did not finish in {timeout} s")
 
 
-def torchrun(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(*args, timeout: float = 120, ok: bool = True) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node=2 -m fmnist ARGS`, the command the README gives."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(fmnist.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "fmnist", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode == 0) == ok, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
@@ -182,3 +182,12 @@ def test_a_distributed_run_resumes_to_the_weights_of_an_uninterrupted_one(two_pr
     kept_a, kept_b = load_tensors(straight / "model.safetensors"), load_tensors(resumed / "model.safetensors")
     assert all(torch.equal(kept_a[k], kept_b[k]) for k in kept_a)
     assert "resuming" in (resumed / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_failure_of_rank_0_stops_every_process(tmp_path, idx_dir):
+    """Rank 0 alone validates: when that fails (here a diverging recipe), the others stop too, not wait."""
+    done = torchrun("train", "--model", "seed-b-mlp", "--epochs", "2", "--lr", "1e12", "--batch-size", "32",
+                    "--subset", "300", "--val-size", "100", "--threads", "1", "--precision", "fp32",
+                    "--data-dir", str(idx_dir), "--no-verify", "--out", str(tmp_path / "run"), timeout=90, ok=False)
+    assert "training diverged" in done.stderr + done.stdout

@@ -46,6 +46,9 @@ from fmnist.run import check_new_run_folder, created_now, remove_run, save_model
 __all__ = ["DEFAULT_PRESET", "PRESETS", "Context", "TrainConfig", "resolve_config", "train"]
 
 
+FAILED = -1.0  # what rank 0 broadcasts instead of its stop decision when its part of an epoch raised
+
+
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite: the recipe is unstable (a learning rate too high, say)."""
 
@@ -407,10 +410,17 @@ def _loop(job: Job, st: State, say, on_epoch_end, quiet: bool, max_steps: int) -
         st.epoch += 1
         distributed.average_buffers(job.ctx, st.model, st.ema.model if st.ema is not None else None)
         if job.ctx.is_main:
-            stop = _end_epoch(job, st, train_row, t_epoch, say, on_epoch_end) or stop
+            try:
+                stop = _end_epoch(job, st, train_row, t_epoch, say, on_epoch_end) or stop
+            except BaseException:
+                distributed.agree(job.ctx, FAILED)  # the other processes stop too, instead of waiting for us
+                raise
             # The last validation used up the budget: another epoch would be one step and a validation.
             stop = stop or job.budget.spent()
-        stop = bool(distributed.agree(job.ctx, stop))
+        decision = distributed.agree(job.ctx, stop)
+        if decision == FAILED:
+            raise RuntimeError("the main process (rank 0) failed at the end of this epoch; its error says why")
+        stop = bool(decision)
 
 
 def _end_epoch(job: Job, st: State, train_row: dict, t_epoch: float, say, on_epoch_end) -> bool:
