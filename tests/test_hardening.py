@@ -644,3 +644,22 @@ def test_serve_command_refuses_bad_flags_with_one_line(tmp_path, capsys, argv, f
     assert main(["serve", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fmnist serve: error: ") and flag in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("a bug"), 500), (MemoryError(), 413)])
+def test_a_fault_while_receiving_the_body_is_not_a_400(trained_run, garment_png, monkeypatch, error, status):
+    """FastAPI answers 400 to any exception while it reads a form: a bug of ours must not pass as bad input."""
+    from fmnist.serve import limits
+
+    real = limits.BodyWatch.receive
+
+    async def failing(self):
+        message = await real(self)
+        if message.get("body"):
+            raise error
+        return message
+
+    monkeypatch.setattr(limits.BodyWatch, "receive", failing)
+    with local_client(create_app(trained_run)) as c:
+        r = c.post("/api/predict", files={"file": ("x.png", garment_png, "image/png")})
+        assert r.status_code == status and "detail" in r.json()

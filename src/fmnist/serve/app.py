@@ -211,6 +211,13 @@ class _PredictRoute(APIRoute):
                     log.error("cannot store an upload", exc_info=e.__cause__)
                     raise HTTPException(503, "the server cannot store uploads at the moment (disk full?); "
                                              "retry later", headers={"Retry-After": "10"}) from None
+                if isinstance(e.__cause__, MemoryError):
+                    raise HTTPException(413, "the upload is too large to receive") from None
+                if e.__cause__ is not None:
+                    # FastAPI answers 400 "error parsing the body" to *any* exception while it reads the form;
+                    # malformed multipart bodies come as HTTPExceptions of their own, so this is a fault of ours.
+                    log.error("error while receiving an upload", exc_info=e.__cause__)
+                    raise HTTPException(500, "internal server error") from None
                 raise
             finally:
                 watch.end()
