@@ -373,17 +373,11 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
 
 
 def _outputs(backend, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
-    """Features and logits of each image, alone and mirrored (the mean of the image and its left-right flip)."""
-    parts: dict[str, list] = {"features": [], "logits": [], "features_mirror": [], "logits_mirror": []}
-    for i in range(0, len(x), batch):
-        chunk = x[i:i + batch]
-        f, g = backend.run(chunk)
-        f2, g2 = backend.run(np.ascontiguousarray(chunk[..., ::-1]))
-        parts["features"].append(f)
-        parts["logits"].append(g)
-        parts["features_mirror"].append((f + f2) / 2)
-        parts["logits_mirror"].append((g + g2) / 2)
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    """Features and logits of each image, alone and mirrored, through the one forward pass (fmnist.forward)."""
+    from fmnist.forward import forward
+
+    (f, g), (fm, gm) = (forward(backend, x, tta=tta, batch_size=batch) for tta in (False, True))
+    return {"features": f, "logits": g, "features_mirror": fm, "logits_mirror": gm}
 
 
 def _compare(ref: dict, out: dict, y: np.ndarray) -> dict:
