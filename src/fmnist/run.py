@@ -49,8 +49,15 @@ class Run:
     """A trained run folder. Fields are plain values; the weights load on demand (:meth:`model`)."""
 
     def __init__(self, path: Path, meta: dict, config: dict):
-        self.path, self.meta, self.config = path, meta, config
-        where = path / MODEL_JSON
+        self.path, self.config = path, config
+        self._read(meta)
+        self.detector = None
+
+    def _read(self, meta: dict) -> None:
+        """The fields, from model.json's content, checked (at load, and again after :meth:`update`)."""
+        where = self.path / MODEL_JSON
+        _check_meta(meta, where)
+        self.meta = meta
         self.schema_version = int(meta.get("schema_version", 1))
         self.model_name: str = meta["model"]
         self.class_names: list[str] = list(meta["class_names"])
@@ -79,7 +86,6 @@ class Run:
                                      f"model has {len(self.class_names)}")
             except ValueError as e:
                 raise CheckpointError(f"{where}: {e}") from None
-        self.detector = None
 
     # --- loading -------------------------------------------------------------------------------------------
 
@@ -94,19 +100,17 @@ class Run:
         if not where.is_file():
             raise CheckpointError(f"{path} is not a run folder: {MODEL_JSON} "
                                   f"{'is not a regular file' if where.exists() else 'not found'}")
-        meta = read_json(where)
-        _check_meta(meta, where)
-        if not (path / WEIGHTS).is_file():
-            raise CheckpointError(f"{path / WEIGHTS} not found: is {path} a finished run?")
         config_path = path / "config.json"
         config = read_json(config_path) if config_path.is_file() else {}
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path} does not hold a JSON object")
-        run = cls(path, meta, config)
+        run = cls(path, read_json(where), config)  # checks model.json
+        if not (path / WEIGHTS).is_file():
+            raise CheckpointError(f"{path / WEIGHTS} not found: is {path} a finished run?")
         if detector:
             from fmnist.trust.ood import Detector
 
-            run.detector = Detector.load(path, meta)
+            run.detector = Detector.load(path, run.meta)
         return run
 
     def model(self, device="cpu"):
@@ -186,13 +190,8 @@ class Run:
         meta = read_json(self.path / MODEL_JSON)
         meta.update(sections)
         meta["schema_version"] = SCHEMA_VERSION
+        self._read(meta)  # what is written is checked like what is loaded, and the fields follow it
         write_json(self.path / MODEL_JSON, meta)
-        self.meta = meta
-        if "calibration" in sections:
-            self.calibration = sections["calibration"]
-            self.temperature = float(self.calibration["temperature"])
-        if "conformal" in sections:
-            self.conformal = sections["conformal"]
 
 
 def _check_meta(meta, where: Path) -> None:
