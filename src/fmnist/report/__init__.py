@@ -11,10 +11,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fmnist.run import Run
-from fmnist.trust.calibration import ECE_BINS, expected_calibration_error
 
 FIGURES = ("learning_curves", "confusion", "per_class", "confused_pairs", "misclassified", "reliability",
            "uncertain", "samples")
@@ -34,8 +32,13 @@ def read_history(run: Run) -> list[dict]:
 # --- predictions and numbers -------------------------------------------------------------------------------
 
 
-def calibration_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
+def calibration_bins(probs: np.ndarray, labels: np.ndarray, bins: int | None = None) -> tuple[float, list[dict]]:
     """Expected calibration error over equal-width confidence bins (lo, hi], and the bins themselves."""
+    import torch  # here, not at the top: `fmnist compare` reads this package without PyTorch
+
+    from fmnist.trust.calibration import ECE_BINS, expected_calibration_error
+
+    bins = bins or ECE_BINS
     conf = probs.max(1)
     correct = probs.argmax(1) == labels
     which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
@@ -54,20 +57,20 @@ def predict_test(run: Run, data, limit: int | None = None, threads: int | None =
     """Test-set logits and (temperature-scaled) probabilities from the run's model."""
     from fmnist import runtime
     from fmnist.evaluate import classification_metrics, run_logits
-    from fmnist.forward import TorchBackend
+    from fmnist.forward import probabilities
 
-    backend = TorchBackend(run.model(runtime.setup(threads, "auto")))
+    backend = run.backend("torch", runtime.setup(threads, "auto"))  # probed: a NaN model is one clear error
     images, labels = data.test_images, data.test_labels
     if limit:
         images, labels = images[:limit], labels[:limit]
     logits = run_logits(backend, run, images)
-    probs = torch.softmax(logits / run.temperature, dim=1)
+    probs = probabilities(logits.numpy(), run.temperature)  # float64, exactly as served
     metrics = classification_metrics(logits, labels, run.class_names)
     saved = run.read_optional("metrics.json")  # the no-TTA accuracy of `fmnist evaluate`, if it matches
     if saved.get("n") == metrics["n"] and saved.get("tta") == run.tta and "accuracy_no_tta" in saved:
         metrics["accuracy_no_tta"] = saved["accuracy_no_tta"]
     return {"metrics": metrics, "images": np.asarray(images), "y": np.asarray(labels), "logits": logits.numpy(),
-            "probs": probs.numpy()}
+            "probs": probs}
 
 
 def rejection_stats(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
@@ -90,11 +93,9 @@ def candidate_set_stats(run: Run, pred: dict) -> dict | None:
     """
     if run.conformal is None:
         return None
-    from fmnist.forward import probabilities
     from fmnist.trust import conformal
 
-    params, y = run.conformal, pred["y"]
-    probs = probabilities(pred["logits"], run.temperature)  # float64, exactly as served
+    params, y, probs = run.conformal, pred["y"], pred["probs"]
     masks = conformal.candidate_sets(probs, params)
     metrics = conformal.set_metrics(masks, y)
     t, n_cal = params["coverage"], params["n"]
