@@ -141,35 +141,29 @@ function verdictText(p) {
   return `No answer. ${why} Best guess: ${p.label} (${percent(p.score)}).`;
 }
 
+// A <span> of the given class holding text (textContent: never parsed as HTML).
+function textSpan(className, text) {
+  const span = document.createElement("span");
+  span.className = className;
+  span.textContent = text;
+  return span;
+}
+
 function candidateItem(entry) {
   const li = document.createElement("li");
-  const label = document.createElement("span");
-  label.className = "label";
-  label.textContent = entry.label;
-  const score = document.createElement("span");
-  score.className = "score";
-  score.textContent = percent(entry.score);
-  const about = document.createElement("span");
-  about.className = "about";
-  about.textContent = classInfo(entry.label)?.description || "";
-  li.append(label, score, about);
+  li.append(textSpan("label", entry.label), textSpan("score", percent(entry.score)),
+            textSpan("about", classInfo(entry.label)?.description || ""));
   return li;
 }
 
 function topKItem(entry) {
   const li = document.createElement("li");
-  const label = document.createElement("span");
-  label.className = "label";
-  label.textContent = entry.label;
   const bar = document.createElement("div");
   bar.className = "bar";
   const fill = document.createElement("span");
   fill.style.width = `${Math.max(0, Math.min(100, 100 * entry.score)).toFixed(1)}%`;
   bar.append(fill);
-  const score = document.createElement("span");
-  score.className = "score";
-  score.textContent = percent(entry.score);
-  li.append(label, bar, score);
+  li.append(textSpan("label", entry.label), bar, textSpan("score", percent(entry.score)));
   return li;
 }
 
