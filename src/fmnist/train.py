@@ -75,6 +75,9 @@ class State:
     epoch: int = 0
     step: int = 0
     wrapped: torch.nn.Module | None = None  # the DistributedDataParallel wrapper, across processes
+    # On an accelerator, augmentation draws its random numbers there: a generator on the host would make every
+    # step copy them over and wait for the device (a host sync per step). On the CPU it is ``gen`` itself.
+    aug_gen: torch.Generator | None = None
 
     def eval_model(self) -> torch.nn.Module:
         return self.ema.model if self.ema is not None else self.model
@@ -164,7 +167,9 @@ def build(cfg: TrainConfig, device) -> State:
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     opt = make_optimizer(cfg, model)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
-    return State(model, opt, ema, torch.Generator().manual_seed(cfg.seed + 1))
+    device = torch.device(device)
+    aug_gen = torch.Generator(device).manual_seed(cfg.seed + 2) if device.type != "cpu" else None
+    return State(model, opt, ema, torch.Generator().manual_seed(cfg.seed + 1), aug_gen=aug_gen)
 
 
 def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
@@ -183,7 +188,9 @@ def train_epoch(job: Job, st: State, progress_bar, max_steps: int = 0) -> tuple[
     total_steps = cfg.epochs * per_epoch
     st.model.train()
     perm = torch.randperm(n, generator=st.gen).to(device)  # the same on every rank: one shuffled order
-    aug_gen = st.gen if ctx.world_size == 1 else distributed.reseed(cfg.seed, ctx, st.epoch)
+    aug_gen = st.aug_gen if st.aug_gen is not None else st.gen
+    if ctx.world_size > 1:
+        aug_gen = distributed.reseed(cfg.seed, ctx, st.epoch)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, stop, lr = 0, False, cfg.lr
@@ -202,7 +209,8 @@ def train_epoch(job: Job, st: State, progress_bar, max_steps: int = 0) -> tuple[
         loss_sum += loss.detach() * len(yb)
         correct += (logits.detach().argmax(1) == yb).sum()
         seen += len(yb)
-        progress_bar.update(f"epoch {st.epoch + 1} step {b + 1}/{per_epoch} loss {loss.item():.4f} lr {lr:.2e}")
+        if progress_bar.enabled:  # loss.item() waits for the device: only when someone watches
+            progress_bar.update(f"epoch {st.epoch + 1} step {b + 1}/{per_epoch} loss {loss.item():.4f} lr {lr:.2e}")
         if (budget.seconds and distributed.agree(ctx, budget.spent())) or (max_steps and st.step >= max_steps):
             stop = True  # the budget is spent (the schedule has reached 0) or the dry run is done
             break
@@ -229,12 +237,14 @@ def _step(st: State, cfg: TrainConfig, xb, yb, lr: float, device, precision: str
 def validate_and_keep(job: Job, st: State, train_row: dict, t_epoch: float) -> tuple[dict, bool]:
     """The epoch's row of history, with its validation figures (the one forward pass, :mod:`fmnist.forward`),
     and whether it is the best so far, in which case its model is written to the run folder (main process)."""
-    from fmnist.forward import TorchBackend, forward
+    from fmnist.forward import BATCH_SIZE, TorchBackend, forward
 
     cfg, d = job.cfg, job.d
     t_val = time.monotonic()
     backend = TorchBackend(st.eval_model(), precision=job.precision, channels_last=cfg.channels_last)
-    val_logits = torch.from_numpy(forward(backend, d.x_val, tta=cfg.tta)[1])
+    # An accelerator takes the validation split in a few large calls; the CPU's best batch is forward's default.
+    batch = BATCH_SIZE if backend.device.type == "cpu" else 5000
+    val_logits = torch.from_numpy(forward(backend, d.x_val, tta=cfg.tta, batch_size=batch)[1])
     job.budget.note_validation(time.monotonic() - t_val)
     # No validation set (--val-size 0): no figures (None, not NaN, which JSON cannot hold); keep the last epoch.
     has_val = len(d.y_val) > 0
@@ -262,6 +272,7 @@ def save_resume(out: Path, st: State, elapsed: float) -> None:
         "model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
         "ema": st.ema.model.state_dict() if st.ema is not None else {},
         "generator": st.gen.get_state(), "torch_rng": torch.get_rng_state(),
+        **({"aug_generator": st.aug_gen.get_state()} if st.aug_gen is not None else {}),
         "epoch": st.epoch, "step": st.step, "elapsed": elapsed, "history": st.history, "best": st.best,
     })
 
@@ -296,6 +307,8 @@ def restore(state: dict, st: State, path: Path) -> float:
         if st.ema is not None:
             st.ema.model.load_state_dict(state["ema"])
         st.gen.set_state(state["generator"])
+        if st.aug_gen is not None and "aug_generator" in state:  # absent when the run began on the CPU
+            st.aug_gen.set_state(state["aug_generator"])
         torch.set_rng_state(state["torch_rng"])
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
         reason = " ".join(str(e).split())  # load_state_dict lists every mismatch on lines of its own
@@ -317,7 +330,7 @@ def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
 
 def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, resume: str | Path | None = None,
           on_epoch_end=None, quiet: bool = False, max_steps: int = 0, ctx: Context = ONE_PROCESS,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, trust: bool = True) -> dict:
     """Train and write a run folder; returns a summary dict.
 
     ``data`` is a FashionMNIST (tests pass their own); ``resume`` continues the run in that folder from its
@@ -326,6 +339,8 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     steps (--dry-run); ``on_epoch_end(epoch, row)`` is called after each epoch's files are written and may
     return True to stop. ``ctx`` is this process's place in a data-parallel run (:func:`fmnist.distributed.session`);
     ``on_epoch_end`` is then called on rank 0 only, and the summary returned is complete on rank 0 only.
+    ``trust=False`` skips the calibration/OOD/candidate-set fit (benchmarks that only read accuracy): the run
+    folder then answers without calibrated confidences or an OOD gate, like a run of an older fmnist.
     """
     from fmnist.data import load_fashion_mnist
 
@@ -342,22 +357,42 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     if resume is None:
         _check_out(out, overwrite, ctx)
     device = distributed.place(runtime.setup(cfg.threads or distributed.default_threads(ctx), cfg.device), ctx)
-    precision = runtime.resolve_precision(cfg.precision, device, cfg.batch_size)
     data = data if data is not None else load_fashion_mnist(cfg.data_dir)
     d = prepare_data(cfg, data, device)
+    from fmnist.trust.fit import cost_seconds
+
+    cfg, recipe_note, elapsed_before = _size_recipe(cfg, d, device, ctx, cost_seconds(0.0))
+    precision = runtime.resolve_precision(cfg.precision, device, cfg.batch_size)
     st = build(cfg, device)
-    elapsed_before = restore(saved, st, out / "last.pt") if saved is not None else 0.0
+    if saved is not None:
+        elapsed_before = restore(saved, st, out / "last.pt")
     st.wrapped = distributed.wrap(st.model, ctx, device)
     if overwrite and resume is None and ctx.is_main:
         remove_run(out)  # as late as possible: a run that fails to start leaves the old one in place
     say = _start_run(cfg, out, st, d, device, precision, ctx, quiet, resumed=resume is not None)
-    from fmnist.trust.fit import cost_seconds
-
+    if recipe_note:
+        say(recipe_note)
     budget = TimeBudget(cfg.time_budget, len(d.y_val), cfg.tta, cost_seconds, elapsed_before)
     data_info = {"source": getattr(data, "source", None), "checksums": getattr(data, "checksums", {})}
     job = Job(cfg, d, budget, precision, out, data_info, ctx)
     _loop(job, st, say, on_epoch_end, quiet, max_steps)
-    return _finish(job, st, data, device, say, t_start)
+    return _finish(job, st, data, device, say, t_start, trust)
+
+
+def _size_recipe(cfg: TrainConfig, d: Data, device, ctx: Context, reserve: float) -> tuple[TrainConfig, str, float]:
+    """An "auto" model's recipe for this machine and budget (:func:`fmnist.throughput.size_recipe`): (config,
+    the line that says which row and why, the seconds the probe took, which the budget counts)."""
+    from fmnist.recipes import AUTO_MODELS
+
+    if cfg.model not in AUTO_MODELS:
+        return cfg, "", 0.0
+    from fmnist.throughput import size_recipe
+
+    t0 = time.monotonic()
+    cfg, note = size_recipe(cfg, device, len(d.y_train) // ctx.world_size, len(d.y_val), reserve,
+                            agree=lambda i: distributed.agree(ctx, i))
+    distributed.check(cfg.batch_size, ctx)
+    return cfg, note, time.monotonic() - t0
 
 
 def _check_out(out: Path, overwrite: bool, ctx: Context) -> None:
@@ -447,7 +482,7 @@ def _epoch_line(cfg: TrainConfig, row: dict, improved: bool) -> str:
             f"{row['seconds']:.1f}s{'  *' if improved else ''}")
 
 
-def _finish(job: Job, st: State, data, device, say, t_start: float) -> dict:
+def _finish(job: Job, st: State, data, device, say, t_start: float, trust: bool = True) -> dict:
     """The summary, and the trust fit of the kept model (the reserve the budget kept)."""
     cfg, out, best = job.cfg, job.out, st.best
     train_seconds = job.budget.elapsed()
@@ -457,6 +492,9 @@ def _finish(job: Job, st: State, data, device, say, t_start: float) -> dict:
     kept = f"{cfg.select} {best['value']:.4f}" if best["value"] is not None else "no validation set"
     say(f"kept epoch {best['epoch']} ({kept}); training took {train_seconds:.1f} s; model in {out}/model.safetensors")
     if not job.ctx.is_main:
+        return summary
+    if not trust:
+        write_json(out / "train_summary.json", summary)
         return summary
     from fmnist.trust.fit import describe, fit_trust
 
