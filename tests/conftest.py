@@ -50,7 +50,8 @@ def trained_run(tmp_path_factory, synthetic_data):
     from fmnist.train import resolve_config, train
 
     out = tmp_path_factory.mktemp("runs") / "fast"
-    cfg = resolve_config("fast", time_budget=0, epochs=4, lr=0.05, batch_size=64, val_size=200, threads=1, seed=0)
+    cfg = resolve_config("fast", model="s2d-24", time_budget=0, epochs=4, lr=0.05, batch_size=64, val_size=200,
+                         threads=1, seed=0)
     train(cfg, out=out, data=synthetic_data, quiet=True)
     return out
 

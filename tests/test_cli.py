@@ -67,7 +67,7 @@ def test_train_help_states_defaults(capsys, monkeypatch):
         main(["train", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    for text in ("--batch-size", "--time-budget", "--label-smoothing", "--preset", "(default: s2d-32)",
+    for text in ("--batch-size", "--time-budget", "--label-smoothing", "--preset", "(default: auto)",
                  "(default: 0.2)", "(default: 175)"):
         assert text in out, f"train --help lacks {text!r}"
     for flag, (takes_value, text) in flag_helps("train", capsys).items():

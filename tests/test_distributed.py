@@ -163,8 +163,10 @@ def test_torchrun_writes_one_ordinary_run_folder(tmp_path, idx_dir, capsys):
     assert json.loads((out / "env.json").read_text())["world_size"] == 2
     assert json.loads((out / "train_summary.json").read_text())["world_size"] == 2
     assert "x 2 processes" in (out / "train.log").read_text()
+    # The preset's recipe is the epoch table's: the ranks agree on rank 0's row (no row fits 3 s: the first)
+    assert (out / "train.log").read_text().count("recipe: row '3 epochs'") == 1
     run = Run.load(out)
-    assert run.config["model"] == "s2d-24" and "calibration" in run.meta
+    assert run.config["model"] == "s2d-32" and run.config["batch_size"] == 32 and "calibration" in run.meta
     assert main(["evaluate", str(out), "--data-dir", str(idx_dir), "--no-verify", "--threads", "1"]) == 0
     assert json.loads((out / "metrics.json").read_text())["n"] == 300
 

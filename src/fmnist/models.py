@@ -214,6 +214,11 @@ def resnet9_m(num_classes: int = 10) -> nn.Module:
     return resnet9((32, 64, 128, 256), num_classes)
 
 
+@register("resnet9-l", "ResNet-9, widths 64/128/256/512 (long schedules; GPUs)")
+def resnet9_l(num_classes: int = 10) -> nn.Module:
+    return resnet9((64, 128, 256, 512), num_classes)
+
+
 # --- inference-time folding ----------------------------------------------------------------------------------
 
 

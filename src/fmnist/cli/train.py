@@ -17,7 +17,9 @@ def _flag(name: str) -> str:
 
 # Help text for each TrainConfig field; the default shown is the default preset's value.
 TRAIN_HELP = {
-    "model": "architecture (see `fmnist models`)",
+    "model": "architecture (see `fmnist models`); auto: the epoch table's recipe (model, batch size, learning "
+             "rate, augmentation) for the epochs the time budget buys on this machine, or for --epochs; auto-tiny: "
+             "the same among models under 100,000 parameters",
     "epochs": "epochs to train; given without --time-budget, it replaces the preset's time budget "
               "(given with a --time-budget above 0, it is ignored)",
     "batch_size": "images per step",
@@ -55,7 +57,7 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help=f"a named recipe; explicit flags override it (default: {DEFAULT_PRESET})")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("preset",):
+        if f.name in ("preset", "pinned"):
             continue
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
                                                           "bool": bool}.get(str(f.type), str)
@@ -96,10 +98,13 @@ def cmd_train(args) -> int:
         with session(saved.device) as ctx:
             train(None, data=data, resume=args.resume, ctx=ctx)
         return 0
-    cfg = resolve_config(args.preset or DEFAULT_PRESET, **_overrides(args))
+    overrides = _overrides(args)
+    cfg = resolve_config(args.preset or DEFAULT_PRESET, **overrides)
+    if args.dry_run:  # one epoch, no clock (a model "auto" takes the epoch table's first row)
+        cfg = resolve_config(args.preset or DEFAULT_PRESET, **{**overrides, "epochs": 1, "time_budget": 0})
     data = load_fashion_mnist(cfg.data_dir, verify=not args.no_verify)
     if args.dry_run:
-        cfg = dataclasses.replace(cfg, epochs=1, time_budget=0, subset=min(cfg.subset or 512, 512),
+        cfg = dataclasses.replace(cfg, subset=min(cfg.subset or 512, 512),
                                   val_size=min(cfg.val_size, 512) if cfg.val_size else 0)
         tmp = Path(tempfile.mkdtemp(prefix="fmnist-dry-run-"))
         try:
@@ -120,7 +125,7 @@ def cmd_train(args) -> int:
 def _overrides(args) -> dict:
     """The recipe options given on the command line (None: not given). An explicit --epochs wins over the
     preset's time budget (the presets train on a clock), unless --time-budget is given too."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset", "pinned"}
     overrides = {k: getattr(args, k) for k in fields}
     if overrides["epochs"] is not None and overrides["time_budget"] is None:
         overrides["time_budget"] = 0
