@@ -170,12 +170,12 @@ def s2d_net(widths=(24, 48, 96), num_classes: int = 10) -> nn.Module:
     return Classifier(body, 2 * c, num_classes)
 
 
-@register("s2d-24", "space-to-depth stem, widths 24/48/96 at 14/7/3 (under 100k parameters; the fast and tiny presets)")
+@register("s2d-24", "space-to-depth stem, widths 24/48/96 at 14/7/3 (under 100k parameters; the tiny preset)")
 def s2d_24(num_classes: int = 10) -> nn.Module:
     return s2d_net((24, 48, 96), num_classes)
 
 
-@register("s2d-32", "space-to-depth stem, widths 32/64/128 at 14/7/3 (the default and best presets)")
+@register("s2d-32", "space-to-depth stem, widths 32/64/128 at 14/7/3 (short schedules on a CPU)")
 def s2d_32(num_classes: int = 10) -> nn.Module:
     return s2d_net((32, 64, 128), num_classes)
 
@@ -204,17 +204,17 @@ def resnet_lite(num_classes: int = 10) -> nn.Module:
     return Classifier(body, 256, num_classes)
 
 
-@register("resnet9-s", "compact ResNet-9, widths 16/32/64/128")
+@register("resnet9-s", "compact ResNet-9, widths 16/32/64/128 (5-epoch schedules; the reference recipe)")
 def resnet9_s(num_classes: int = 10) -> nn.Module:
     return resnet9((16, 32, 64, 128), num_classes)
 
 
-@register("resnet9-m", "ResNet-9, widths 32/64/128/256 (for GPUs or long CPU runs)")
+@register("resnet9-m", "ResNet-9, widths 32/64/128/256 (10-20 and 80-epoch schedules)")
 def resnet9_m(num_classes: int = 10) -> nn.Module:
     return resnet9((32, 64, 128, 256), num_classes)
 
 
-@register("resnet9-l", "ResNet-9, widths 64/128/256/512 (long schedules; GPUs)")
+@register("resnet9-l", "ResNet-9, widths 64/128/256/512 (40 epochs and more; GPUs)")
 def resnet9_l(num_classes: int = 10) -> nn.Module:
     return resnet9((64, 128, 256, 512), num_classes)
 
