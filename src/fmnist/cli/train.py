@@ -20,8 +20,9 @@ TRAIN_HELP = {
     "model": "architecture (see `fmnist models`); auto: the epoch table's recipe (model, batch size, learning "
              "rate, augmentation) for the epochs the time budget buys on this machine, or for --epochs; auto-tiny: "
              "the same among models under 100,000 parameters",
-    "epochs": "epochs to train; given without --time-budget, it replaces the preset's time budget "
-              "(given with a --time-budget above 0, it is ignored)",
+    "epochs": "epochs to train; given without --time-budget, it replaces the preset's time budget, and a model "
+              "auto trains the epoch table's recipe for that many epochs (given with a --time-budget above 0, it "
+              "is ignored)",
     "batch_size": "images per step",
     "lr": "peak learning rate",
     "optimizer": "sgd (Nesterov momentum), adam or adamw",
