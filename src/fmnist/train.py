@@ -372,7 +372,8 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     say = _start_run(cfg, out, st, d, device, precision, ctx, quiet, resumed=resume is not None)
     if recipe_note:
         say(recipe_note)
-    budget = TimeBudget(cfg.time_budget, len(d.y_val), cfg.tta, cost_seconds, elapsed_before)
+    budget = TimeBudget(cfg.time_budget, len(d.y_val), cfg.tta, lambda v: cost_seconds(v, precision),
+                        elapsed_before)
     data_info = {"source": getattr(data, "source", None), "checksums": getattr(data, "checksums", {})}
     job = Job(cfg, d, budget, precision, out, data_info, ctx)
     _loop(job, st, say, on_epoch_end, quiet, max_steps)

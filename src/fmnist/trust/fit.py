@@ -29,14 +29,18 @@ if TYPE_CHECKING:  # PyTorch is imported where a fit runs: the command line read
 FIT_SIZE = 10_000  # training images that fit the OOD statistics (stratified sample): as good as 20,000, faster
 # What the fit costs, for a time budget to keep in hand (fmnist.train): two validation passes' worth of model
 # time (features of FIT_SIZE training and the validation images) plus about 2 s of statistics on a 2-core CPU
-# (5.2 s in all after s2d-24, 14 s after resnet-lite).
+# (5.2 s in all after s2d-24, 14 s after resnet-lite). The fit runs the model as it is served, in fp32: after a
+# training run validated in bf16 each pass costs about twice as much (30 s after resnet9-m, whose bf16 validation
+# took about 6 s; 11 s after resnet9-s).
 COST_FIXED_SECONDS = 4.0
 COST_PER_VALIDATION = 2.0
+FP32_OVER_BF16 = 2.0
 
 
-def cost_seconds(validation_seconds: float) -> float:
-    """Predicted seconds of :func:`fit_trust`, given what one validation pass costs."""
-    return COST_FIXED_SECONDS + COST_PER_VALIDATION * validation_seconds
+def cost_seconds(validation_seconds: float, precision: str = "fp32") -> float:
+    """Predicted seconds of :func:`fit_trust`, given what one validation pass costs in ``precision``."""
+    per_pass = validation_seconds * (FP32_OVER_BF16 if precision in ("bf16", "fp16") else 1.0)
+    return COST_FIXED_SECONDS + COST_PER_VALIDATION * per_pass
 
 
 def stratified_sample(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
