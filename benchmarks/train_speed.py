@@ -64,7 +64,8 @@ def run_one(name: str, cfg, data, out: Path, stop_at_target: bool) -> dict:
     t0 = time.monotonic()
     summary = train(cfg, out=out, data=data, quiet=True, on_epoch_end=stop)
     wall = time.monotonic() - t0
-    hist = list(csv.DictReader(open(out / "history.csv")))
+    with open(out / "history.csv") as f:
+        hist = list(csv.DictReader(f))
     trained = json.loads((out / "config.json").read_text())  # the recipe an "auto" model chose
     m = evaluate_run(out, data=data, write=True)
     imgs = int(hist[-1]["step"]) * trained["batch_size"]  # the last epoch of a budgeted run is partial

@@ -258,6 +258,21 @@ def test_two_local_workers_share_a_journal(tiny, tmp_path, capfd):
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2
 
 
+def kill_worker_while_training(args: list[str], study_dir, trial: int) -> None:
+    """Start a `fmnist tune` worker and SIGKILL it once trial ``trial`` is training (its history.csv exists)."""
+    proc = subprocess.Popen(tune_command(args), env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (study_dir / f"trial-{trial:04d}" / "history.csv").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, f"the worker ended before trial {trial} began"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_killed_worker_leaves_no_finished_looking_trial(tiny, tmp_path):
     """SIGKILL a worker mid-trial: its trial is failed and run again by the next command, never taken as done."""
@@ -265,17 +280,7 @@ def test_killed_worker_leaves_no_finished_looking_trial(tiny, tmp_path):
     args = ["--model", "s2d-24", "--lr", "1e-2,3e-3,1e-3", "--sampler", "grid", "--pruner", "none",
             "--study", "k", *tiny]
     study_dir = tmp_path / "tune" / "k"
-    proc = subprocess.Popen(tune_command(args), env=child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (study_dir / "trial-0001" / "history.csv").exists():  # trial 1 is training
-            assert proc.poll() is None and time.monotonic() < deadline, "the worker ended before trial 1 began"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_worker_while_training(args, study_dir, trial=1)
     killed = journal_study(study_dir, "k")
     assert killed.trials[1].state.name == "RUNNING"  # what the dead worker left in the storage
     assert not (study_dir / "trial-0001" / "tune_trial.json").exists()
@@ -354,17 +359,7 @@ def test_killed_worker_on_postgres_is_failed_by_heartbeat(postgres_url, tiny, tm
     args = ["--model", "s2d-24", "--lr", "1e-2,1e-3", "--sampler", "grid", "--pruner", "none", "--heartbeat", "1",
             "--study", "pgk", "--storage", postgres_url, *tiny]
     study_dir = tmp_path / "tune" / "pgk"
-    proc = subprocess.Popen(tune_command(args), env=child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (study_dir / "trial-0000" / "history.csv").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the worker ended before trial 0 began"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_worker_while_training(args, study_dir, trial=0)
     assert main(["tune", *args]) == 0
     storage = optuna.storages.RDBStorage(engine_url(postgres_url))
     study = optuna.load_study(study_name="pgk", storage=storage)
