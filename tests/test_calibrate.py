@@ -74,7 +74,7 @@ def test_train_stores_calibration_and_ood_with_the_model(trained_run):
     meta = json.loads((trained_run / "model.json").read_text())
     cal = meta["calibration"]
     assert cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] + 1e-9
-    assert meta["ood"]["target_accept"] == 0.95 and math.isfinite(meta["ood"]["threshold"])
+    assert meta["ood"]["target_accept"] == 0.98 and math.isfinite(meta["ood"]["threshold"])
     assert (trained_run / "ood.safetensors").is_file()
     summary = json.loads((trained_run / "train_summary.json").read_text())
     assert summary["trust"]["temperature"] == cal["temperature"]
@@ -93,7 +93,8 @@ def test_calibrate_command_refits_a_run_without_trust(tmp_path, trained_run, idx
     assert "validation" in out and "test" in out and "ECE" in out and "Brier" in out
     meta = json.loads((run / "model.json").read_text())
     assert meta["calibration"]["temperature"] > 0 and "ece_after" in meta["calibration"]["test"]
-    assert meta["ood"]["parts"] == list(DEFAULT_PARTS) and meta["ood"]["combine"] == "sum"
+    assert meta["ood"]["parts"] == list(DEFAULT_PARTS) and meta["ood"]["combine"] == "fisher"
+    assert "procedural non-garments" in meta["ood"]["fit_on"]
     assert (run / "ood.safetensors").is_file()
     # The candidate sets, fitted for the coverage asked, measured on the test split and stored with the run.
     sets = meta["conformal"]

@@ -5,7 +5,8 @@ run, computes features and logits once (:func:`fmnist.forward.forward`, as the P
 the training split and for the validation split, then
 
 - fits the temperature on the validation logits (:mod:`fmnist.trust.calibration`),
-- fits the OOD statistics on the training sample and sets the threshold on validation (:mod:`fmnist.trust.ood`),
+- draws procedural non-garments (:mod:`fmnist.trust.outliers`) for the OOD detector's outlier score, fits the
+  OOD statistics on the training sample and them, and sets the threshold on validation (:mod:`fmnist.trust.ood`),
 - fits the candidate sets on the calibrated validation probabilities (:mod:`fmnist.trust.conformal`),
 
 and stores them with the model: ``model.json["calibration"]``, ``["ood"]``, ``["conformal"]`` and
@@ -22,18 +23,20 @@ from fmnist.run import Run
 from fmnist.trust import conformal
 from fmnist.trust.conformal import DEFAULT_COVERAGE
 from fmnist.trust.ood import DEFAULT_PARTS, DEFAULT_TARGET, Detector, pixels01
+from fmnist.trust.outliers import COUNT as OUTLIER_COUNT
+from fmnist.trust.outliers import procedural
 
 if TYPE_CHECKING:  # PyTorch is imported where a fit runs: the command line reads this module's settings without it
     import torch
 
 FIT_SIZE = 10_000  # training images that fit the OOD statistics (stratified sample): as good as 20,000, faster
-# What the fit costs, for a time budget to keep in hand (fmnist.train): two validation passes' worth of model
-# time (features of FIT_SIZE training and the validation images) plus about 2 s of statistics on a 2-core CPU
-# (5.2 s in all after s2d-24, 14 s after resnet-lite). The fit runs the model as it is served, in fp32: after a
-# training run validated in bf16 each pass costs about twice as much (30 s after resnet9-m, whose bf16 validation
-# took about 6 s; 11 s after resnet9-s).
-COST_FIXED_SECONDS = 4.0
-COST_PER_VALIDATION = 2.0
+# What the fit costs, for a time budget to keep in hand (fmnist.train): 2.4 validation passes' worth of model
+# time (features of FIT_SIZE training images, the validation images and 2,000 procedural non-garments) plus about
+# 6.5 s of drawing those and fitting statistics on a 2-core CPU (measured: 6.2 s after s2d-32, 12.8 s after
+# resnet9-s, 38 s after resnet9-m). The fit runs the model as it is served, in fp32: after a training run
+# validated in bf16 each pass costs about twice as much.
+COST_FIXED_SECONDS = 6.5
+COST_PER_VALIDATION = 2.4
 FP32_OVER_BF16 = 2.0
 
 
@@ -84,12 +87,17 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
     tr_labels, va_labels = data.train_labels[train_idx], data.train_labels[val_idx]
     if torch.bincount(tr_labels, minlength=num_classes).min() < 3:
         return {"skipped": "fewer than 3 training images of some class (--subset too small)"}
-    tr_feats, _, tr_pix = run_outputs(run, backend, data.train_images[train_idx])
+    tr_feats, tr_logits, tr_pix = run_outputs(run, backend, data.train_images[train_idx])
     va_feats, va_logits, va_pix = run_outputs(run, backend, data.train_images[val_idx])
+    outliers = None
+    if "outlier" in parts:
+        # as many as the training images of the fit (at most COUNT): a quick run on a subset fits quickly
+        outliers = run_outputs(run, backend, torch.from_numpy(procedural(min(OUTLIER_COUNT, len(train_idx)), seed).copy()))
 
     calibration = calibrate(va_logits, va_labels)
     detector = Detector.fit(tr_feats, tr_labels, tr_pix, va_feats, va_pix, num_classes,
-                            target_accept=target_accept, parts=parts, seed=seed, val_logits=va_logits)
+                            target_accept=target_accept, parts=parts, seed=seed, val_logits=va_logits,
+                            train_logits=tr_logits, outliers=outliers)
     sets = None  # candidate sets, on the calibrated probabilities as served; too few images give no guarantee
     if len(va_labels) >= conformal.min_calibration_size(coverage):
         sets = conformal.fit(probabilities(va_logits.numpy(), calibration["temperature"]), va_labels.numpy(),

@@ -1,10 +1,15 @@
 """Out-of-distribution detection: is this input a Fashion-MNIST-like garment at all?
 
 Softmax confidence is no guard (a cat photo or uniform noise can get 99 %). The detector scores where an input
-lies relative to the *training* images (higher = stranger). Six scores are available; the default three were
+lies relative to the *training* images (higher = stranger). Seven scores are available; the default four were
 picked by measurement (``fmnist ood-eval``, README), the others kept for comparison
 (``fmnist calibrate RUN --ood-parts ...``):
 
+- ``outlier`` (default): outlier exposure after training. A logistic classifier of the penultimate features,
+  the logits and the 13 image statistics below, fitted to tell training garments from procedural
+  non-garments (1/f noise, plain surfaces, dead leaves: :mod:`fmnist.trust.outliers`, no real picture). The
+  other scores only know what garments look like; this one has also seen what they do not, and it is the
+  strongest single score on photos and faces.
 - ``energy`` (default): -log sum exp of the logits. Low when the network finds one class strongly; inputs
   unlike its training images rarely raise any logit as high. Free: the logits are computed anyway.
 - ``orientation`` (default): how much more garment-like the image looks turned by 90, 180 or 270 degrees,
@@ -16,20 +21,24 @@ picked by measurement (``fmnist ood-eval``, README), the others kept for compari
   top-bottom asymmetry). Catches pixel statistics no garment has. Blur and sharpness are left out on purpose:
   they flagged genuine garments sent as resized shop photos.
 - ``knn``: cosine distance to the nearest of 2,000 training feature vectors (penultimate layer, L2-normalised).
-  The default before ``energy``: weaker in the sum on every photo set measured.
 - ``pixel``: class-conditional probabilistic PCA of the pixels (30 components per class + isotropic rest).
 - ``mahalanobis``: class-conditional Mahalanobis distance of the features (shared covariance).
 
-Each score is standardised on the validation split (0 at its median, 1 at its 95th percentile) and the
-detector's score is their *sum*. The sum was measured against the maximum: the maximum adds up the false
-alarms of every part (each flags 5 % of genuine images at its own 95th percentile), so at 95 % acceptance
-it needs a higher threshold and lets more through; the sum refuses an input that two views find somewhat
-odd and keeps one that a single view finds mildly odd. Runs fitted with the maximum (no ``"combine"`` in
-their ``model.json``) keep it, with the threshold it was set for. Statistics are fitted on the training
-split only; the threshold is the validation quantile that accepts ``target_accept`` (default 95 %) of
-genuine images. No out-of-distribution data is used to fit or tune anything.
+How the parts make one score (``combine``): each part's score becomes its *evidence*, -log of its p-value
+among the validation images (the share of them that score at least as high), and the evidences are summed
+(Fisher's method). Each part is thus judged by how rare its score is for a genuine garment, whatever the
+shape of its distribution: a part whose genuine tail is long (stats on patterned shirts) needs a higher
+score before it counts, and a part that finds an input rarer than any validation image says so with
+weight. Measured against the earlier rule, the sum of parts standardised by their median and 95th
+percentile: at 97.5 % acceptance the evidence sum refuses 94.5 % instead of 88.7 % of 180-degree turns with
+the same parts (README). Runs fitted with the sum (``"combine": "sum"``) or the maximum (no ``"combine"``)
+keep their rule, with the threshold set for it. Statistics are fitted on the training split only, the
+p-values and the threshold on validation: the threshold is the validation quantile that accepts
+``target_accept`` (default 98 %, so that 97.5 % of new genuine images pass) of genuine images. No real
+out-of-distribution image is used to fit or tune anything.
 
-Storage: tensors in ``RUN/ood.safetensors``; threshold, standardisation and settings in ``model.json["ood"]``.
+Storage: tensors in ``RUN/ood.safetensors`` (statistics, and the sorted validation scores of each part);
+threshold, standardisation and settings in ``model.json["ood"]``.
 """
 from __future__ import annotations
 
@@ -41,13 +50,14 @@ from fmnist.runfiles import CheckpointError, load_arrays, save_arrays, sha256
 
 OOD_FORMAT = "fmnist-ood/1"
 OOD_FILE = "ood.safetensors"
-DEFAULT_TARGET = 0.95
-PARTS = ("energy", "orientation", "stats", "knn", "pixel", "mahalanobis")
-DEFAULT_PARTS = ("energy", "orientation", "stats")
+DEFAULT_TARGET = 0.98
+PARTS = ("outlier", "energy", "orientation", "stats", "knn", "pixel", "mahalanobis")
+DEFAULT_PARTS = ("outlier", "energy", "orientation", "stats")
 NEEDS_NO_FIT = {"energy"}  # computed from the logits alone: no statistics to store
 KNN_K = 1
 BANK_SIZE = 2_000
-COMBINE = "sum"  # how standardised parts make one score; "max" for runs fitted before the sum was measured
+COMBINE = "fisher"  # how parts make one score; runs fitted earlier keep theirs: "sum", or "max" (none recorded)
+COMBINE_RULES = ("fisher", "sum", "max")
 PIXEL_COMPONENTS = 30
 SHRINK = 1e-3  # covariance shrinkage towards the mean variance, relative: keeps inverses stable
 
@@ -168,6 +178,16 @@ def _score_energy(logits) -> np.ndarray:
     return -(m + np.log(np.exp(z - m[:, None]).sum(1)))
 
 
+def outlier_inputs(feats, logits, u, stats=None) -> np.ndarray:
+    """What the ``outlier`` classifier reads: features, logits and image statistics side by side (N, D + C + 13)."""
+    return np.concatenate([_np(feats), _np(logits), image_stats(u) if stats is None else stats], 1)
+
+
+def _score_outlier(t: dict, feats, logits, u, stats=None) -> np.ndarray:
+    """The classifier's log-odds that the input is a non-garment (its input scaling is folded into the weights)."""
+    return outlier_inputs(feats, logits, u, stats) @ t["outlier.weight"] + t["outlier.bias"][0]
+
+
 def _score_knn(t: dict, feats, k: int) -> np.ndarray:
     f = _np(feats)
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
@@ -192,20 +212,22 @@ class Detector:
         self.config = config
         self.parts = list(config["parts"])
         self.rule = config.get("combine", "max")  # runs fitted before the sum keep the rule of their threshold
-        if self.rule not in ("sum", "max"):
+        if self.rule not in COMBINE_RULES:
             raise CheckpointError(f"unknown OOD combination rule {self.rule!r}")
         self.threshold = float(config.get("threshold", float("inf")))
 
     @classmethod
     def fit(cls, train_feats, train_labels, train_pixels, val_feats, val_pixels, num_classes: int,
             target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS, bank_size: int = BANK_SIZE,
-            seed: int = 0, val_logits=None) -> Detector:
-        """Fit on training features and pixels (in [0, 1]); standardise and set the threshold on validation
-        (features, pixels and, for the energy score, logits). See :mod:`fmnist.trust.ood_fit`."""
+            seed: int = 0, val_logits=None, train_logits=None, outliers=None) -> Detector:
+        """Fit on training features and pixels (in [0, 1]); p-values and threshold on validation (features,
+        pixels and, for the energy and outlier scores, logits). The outlier score also needs the training
+        logits and ``outliers``, (features, logits, pixels) of :func:`fmnist.trust.outliers.procedural`
+        images. See :mod:`fmnist.trust.ood_fit`."""
         from fmnist.trust.ood_fit import fit_detector
 
         return fit_detector(cls, train_feats, train_labels, train_pixels, val_feats, val_pixels, num_classes,
-                            target_accept, parts, bank_size, seed, val_logits)
+                            target_accept, parts, bank_size, seed, val_logits, train_logits, outliers)
 
     def part_scores(self, feats, pixels, logits=None) -> dict[str, np.ndarray]:
         """Raw score of each part."""
@@ -214,16 +236,19 @@ class Detector:
     def _raw(self, feats, pixels, logits=None, chunk: int = 1024) -> dict[str, np.ndarray]:
         """Raw score of each part (NumPy), in chunks (the orientation score turns each image four ways)."""
         u = _np(pixels).reshape(-1, 28, 28)
-        if "energy" in self.parts and logits is None:
-            raise ValueError("this OOD detector's energy score needs the model's logits")
+        if logits is None and {"energy", "outlier"} & set(self.parts):
+            raise ValueError("this OOD detector's energy and outlier scores need the model's logits")
         if len(u) > chunk:
             pieces = [self._raw(feats[i:i + chunk], u[i:i + chunk], None if logits is None else logits[i:i + chunk],
                                 chunk) for i in range(0, len(u), chunk)]
             return {name: np.concatenate([p[name] for p in pieces]) for name in self.parts}
         t, out = self.arrays, {}
+        stats = image_stats(u) if {"stats", "outlier"} & set(self.parts) else None  # both read them: once
         for name in self.parts:
             if name == "energy":
                 out[name] = _score_energy(logits)
+            elif name == "outlier":
+                out[name] = _score_outlier(t, feats, logits, u, stats)
             elif name == "knn":
                 out[name] = _score_knn(t, feats, int(self.config.get("knn_k", KNN_K)))
             elif name == "orientation":
@@ -231,7 +256,7 @@ class Detector:
             elif name == "pixel":
                 out[name] = _score_pixel(t, u)
             elif name == "stats":
-                out[name] = _gaussian_nll(image_stats(u), t["stats.means"], t["stats.precisions"],
+                out[name] = _gaussian_nll(stats, t["stats.means"], t["stats.precisions"],
                                           t["stats.logdets"])
             elif name == "mahalanobis":
                 out[name] = _gaussian_nll(feats, t["mahalanobis.means"], t["mahalanobis.precision"],
@@ -239,19 +264,25 @@ class Detector:
         return {name: np.asarray(v, np.float32) for name, v in out.items()}
 
     def standardised(self, feats, pixels, logits=None) -> dict[str, np.ndarray]:
-        """Each part's score on the common scale: (score - validation median) / (95th percentile - median)."""
-        return _standardise(self._raw(feats, pixels, logits), self.config["standardise"])
+        """Each part's score on the common scale the combination adds up: its evidence, -log p-value among the
+        validation images (rule ``fisher``), or for older runs (score - validation median) / (95th percentile
+        - median)."""
+        raw = self._raw(feats, pixels, logits)
+        if self.rule == "fisher":
+            return {n: _evidence(s, self.arrays[f"tail.{n}"], self.config["standardise"][n][1]) for n, s in raw.items()}
+        return _standardise(raw, self.config["standardise"])
 
     def combine(self, standardised: dict) -> np.ndarray:
-        """The detector's score from its standardised parts: their sum (or, for older runs, the highest)."""
+        """The detector's score from its parts on the common scale: their sum (or, for runs fitted before the
+        sum, the highest)."""
         stacked = np.stack([_np(v) for v in standardised.values()])
-        return stacked.sum(0) if self.rule == "sum" else stacked.max(0)
+        return stacked.max(0) if self.rule == "max" else stacked.sum(0)
 
     def score(self, feats, pixels, logits=None) -> np.ndarray:
-        """The OOD score of each input: the sum over parts of (score - median) / (95th percentile - median).
+        """The OOD score of each input: the sum over parts of their evidence (see the module's docstring).
 
         ``feats``: penultimate features, ``pixels``: (N, 28, 28) in [0, 1], ``logits``: the model's (for the
-        energy score).
+        energy and outlier scores).
         """
         return self.combine(self.standardised(feats, pixels, logits))
 
@@ -287,16 +318,31 @@ class Detector:
         need = {"orientation": "pixel"}
         missing = [n for n in det.parts if n not in NEEDS_NO_FIT
                    and not any(k.startswith(need.get(n, n) + ".") for k in det.tensors)]
+        if det.rule == "fisher":
+            missing += [f"{n} (validation scores)" for n in det.parts if f"tail.{n}" not in det.tensors]
         if missing or set(config.get("standardise", {})) != set(det.parts):
             raise CheckpointError(f"{path} lacks the statistics of {', '.join(missing) or 'standardisation'}: "
                                   "refit with `fmnist calibrate RUN`")
         bad = [k for k, v in det.arrays.items() if not np.isfinite(v).all()]
+        bad += [k for k, v in det.arrays.items() if k.startswith("tail.") and (v.ndim != 1 or (np.diff(v) < 0).any())]
         bad += [n for n, (med, scale) in config["standardise"].items()
                 if not (np.isfinite(med) and np.isfinite(scale) and scale > 0)]
         if bad:
             raise CheckpointError(f"{path}: non-finite OOD statistics ({', '.join(sorted(bad))}): the detector "
                                   "would accept anything; refit it with `fmnist calibrate RUN`")
         return det
+
+
+def _evidence(scores, tail: np.ndarray, scale: float) -> np.ndarray:
+    """-log of the p-value of each score among the sorted validation scores ``tail``: (number at least as high
+    + 1) / (n + 1). Past the highest validation score it keeps growing, by one per ``scale`` (the part's 95th
+    percentile minus median), so that stranger inputs still score higher."""
+    s = _np(scores)
+    n = len(tail)
+    at_least = n - np.searchsorted(tail, s, side="left")
+    e = np.log((n + 1) / (at_least + 1.0))
+    beyond = np.maximum(s - tail[-1], 0) / np.float32(scale)
+    return (e + beyond).astype(np.float32)
 
 
 def _standardise(raw: dict, std: dict) -> dict:
