@@ -14,7 +14,8 @@ from fmnist.checkpoint import CheckpointError
 from fmnist.cli import main
 from fmnist.trust import eval_sets as ood_sets
 from fmnist.trust.metrics import auroc, fpr_at_tpr
-from fmnist.trust.ood import DEFAULT_PARTS, PARTS, Detector, pixels01
+from fmnist.trust.ood import DEFAULT_PARTS, DEFAULT_TARGET, PARTS, Detector, pixels01
+from fmnist.trust.outliers import procedural
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +30,24 @@ def id_data():
     feats = centres[labels] + torch.randn(len(labels), 32, generator=g)
     parts = {"train": slice(0, 3000), "val": slice(3000, 6000), "held_out": slice(6000, 9000)}
     logits = feats @ centres.T / 8
-    return {k: (feats[s], labels[s], pixels01(images[s]), logits[s]) for k, s in parts.items()}
+    data = {k: (feats[s], labels[s], pixels01(images[s]), logits[s]) for k, s in parts.items()}
+    # Procedural non-garments, with features nowhere near a class centre (a network's view of them), for the
+    # outlier score: one draw to fit it, another to test it.
+    for name, seed in (("outliers", 0), ("new_outliers", 1)):
+        f = torch.randn(1000, 32, generator=g) * 3
+        data[name] = (f, f @ centres.T / 8, pixels01(procedural(1000, seed)))
+    return data
+
+
+def fit(id_data, **kwargs):
+    (tf, tl, tp, tlog), (vf, _, vp, vl) = id_data["train"], id_data["val"]
+    return Detector.fit(tf, tl, tp, vf, vp, num_classes=10, val_logits=vl, train_logits=tlog,
+                        outliers=id_data["outliers"], **kwargs)
 
 
 @pytest.fixture(scope="module")
 def detector(id_data):
-    (tf, tl, tp, _), (vf, _, vp, vl) = id_data["train"], id_data["val"]
-    return Detector.fit(tf, tl, tp, vf, vp, num_classes=10, target_accept=0.95, val_logits=vl)
+    return fit(id_data, target_accept=0.95)
 
 
 def test_auroc_and_fpr_on_known_scores():
@@ -107,8 +119,8 @@ def test_detector_save_and_load_give_identical_scores(tmp_path, detector, id_dat
 
 
 def test_every_optional_part_fits_scores_and_reloads(tmp_path, id_data):
-    (tf, tl, tp, _), (vf, _, vp, vl) = (tuple(t[:1000] for t in id_data[k]) for k in ("train", "val"))
-    det = Detector.fit(tf, tl, tp, vf, vp, 10, parts=PARTS, val_logits=vl)
+    small = {k: tuple(t[:1000] for t in v) for k, v in id_data.items()}
+    det = fit(small, parts=PARTS)
     loaded = Detector.load(tmp_path, {"ood": det.save(tmp_path)})
     feats, _, pixels, logits = (t[:200] for t in id_data["held_out"])
     scores = loaded.part_scores(feats, pixels, logits)
@@ -119,24 +131,79 @@ def test_every_optional_part_fits_scores_and_reloads(tmp_path, id_data):
         det.score(feats, pixels)
 
 
-def test_parts_are_summed_and_older_runs_keep_the_maximum(tmp_path, detector, id_data):
+def test_parts_add_their_evidence_and_older_runs_keep_their_rule(tmp_path, detector, id_data):
     feats, _, pixels, logits = (t[:100] for t in id_data["held_out"])
-    parts = detector.standardised(feats, pixels, logits)
-    np.testing.assert_allclose(detector.score(feats, pixels, logits), sum(parts.values()), rtol=1e-6, atol=1e-6)
-    # A run fitted before the sum (no "combine" in model.json) is scored as its threshold was set: the maximum.
-    config = {k: v for k, v in detector.save(tmp_path).items() if k != "combine"}
-    old = Detector.load(tmp_path, {"ood": config})
-    np.testing.assert_allclose(old.score(feats, pixels, logits), np.stack(list(parts.values())).max(0), rtol=1e-6)
+    evidence = detector.standardised(feats, pixels, logits)
+    np.testing.assert_allclose(detector.score(feats, pixels, logits), sum(evidence.values()), rtol=1e-6, atol=1e-5)
+    # Evidence is -log of the share of validation images scoring at least as high (+1 over n+1).
+    (vf, _, vp, vl), raw = id_data["val"], detector.part_scores(feats, pixels, logits)
+    val_raw = detector.part_scores(vf, vp, vl)
+    for name in detector.parts:
+        at_least = (val_raw[name][None, :] >= raw[name][:, None]).sum(1)
+        np.testing.assert_allclose(evidence[name], np.log((len(vf) + 1) / (at_least + 1)), rtol=1e-4, atol=1e-4)
+    config = detector.save(tmp_path)
+    # Runs fitted with the standardised sum keep it; those fitted before it (no "combine") the maximum.
+    std = {n: (raw[n] - med) / scale for n, (med, scale) in config["standardise"].items()}
+    summed = Detector.load(tmp_path, {"ood": dict(config, combine="sum")})
+    np.testing.assert_allclose(summed.score(feats, pixels, logits), sum(std.values()), rtol=1e-5, atol=1e-5)
+    old = Detector.load(tmp_path, {"ood": {k: v for k, v in config.items() if k != "combine"}})
+    np.testing.assert_allclose(old.score(feats, pixels, logits), np.stack(list(std.values())).max(0), rtol=1e-5)
     with pytest.raises(CheckpointError, match="combination"):
         Detector.load(tmp_path, {"ood": dict(config, combine="median")})
 
 
-def test_unknown_part_and_bad_target_are_clear_errors(id_data):
-    (tf, tl, tp, _), (vf, _, vp, _) = id_data["train"], id_data["val"]
-    with pytest.raises(ValueError, match="unknown OOD score"):
-        Detector.fit(tf, tl, tp, vf, vp, 10, parts=["odin"])
-    with pytest.raises(ValueError, match="between 0 and 1"):
-        Detector.fit(tf, tl, tp, vf, vp, 10, target_accept=95)
+def test_evidence_grows_past_the_strangest_validation_image(detector, id_data):
+    """Beyond every validation score the p-value cannot fall further: the evidence still grows with the score,
+    so a stranger input always scores higher."""
+    from fmnist.trust.ood import _evidence
+
+    tail = np.array([0.0, 1.0, 2.0, 3.0], np.float32)
+    e = _evidence(np.array([-5.0, 0.5, 3.0, 3.5, 10.0], np.float32), tail, scale=0.5)
+    np.testing.assert_allclose(e, np.log(5 / np.array([5, 4, 2, 1, 1])) + np.array([0, 0, 0, 1, 14]), rtol=1e-6)
+
+
+def test_the_outlier_score_refuses_procedural_non_garments_it_never_saw(detector, id_data):
+    feats, _, pixels, logits = id_data["held_out"]
+    nf, nl, npix = id_data["new_outliers"]
+    genuine, new = (detector.part_scores(f, p, lg)["outlier"] for f, p, lg in ((feats, pixels, logits), (nf, npix, nl)))
+    assert auroc(torch.from_numpy(genuine), torch.from_numpy(new)) > 0.99
+    assert detector.config["fit_on"].endswith("and 1000 procedural non-garments")
+    # Without its negative examples the outlier score cannot be fitted: a clear error, not a silent detector.
+    (tf, tl, tp, _), (vf, _, vp, vl) = id_data["train"], id_data["val"]
+    with pytest.raises(ValueError, match="outliers"):
+        Detector.fit(tf, tl, tp, vf, vp, 10, val_logits=vl)
+
+
+def test_procedural_non_garments_are_repeatable_and_never_blank():
+    from fmnist.preprocess import is_blank
+
+    a, b = procedural(40, seed=3), procedural(40, seed=3)
+    assert a.shape == (40, 28, 28) and a.dtype == np.uint8 and not a.flags.writeable
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, procedural(40, seed=4))
+    assert not any(is_blank(img) for img in a)
+    assert a.max() == 255  # stretched like an upload by to_dataset_format
+
+
+def test_a_tampered_tail_of_validation_scores_is_refused(tmp_path, detector):
+    from fmnist.runfiles import load_arrays, save_arrays, sha256
+
+    config = detector.save(tmp_path)
+    path = tmp_path / "ood.safetensors"
+    arrays = load_arrays(path)
+    unsorted = dict(arrays, **{"tail.energy": arrays["tail.energy"][::-1].copy()})
+    missing = {k: v for k, v in arrays.items() if k != "tail.energy"}
+    for changed in (unsorted, missing):
+        save_arrays(path, changed, metadata={"format": "fmnist-ood/1"})
+        with pytest.raises(CheckpointError, match="refit|calibrate"):
+            Detector.load(tmp_path, {"ood": dict(config, sha256=sha256(path.read_bytes()))})
+
+
+def test_the_default_threshold_is_set_to_pass_98_percent_of_validation_images(id_data):
+    det = fit(id_data)
+    assert DEFAULT_TARGET == 0.98 and det.config["target_accept"] == 0.98
+    assert 0.98 <= det.config["val_accept"] <= 0.99
+    assert det.parts == list(DEFAULT_PARTS) and det.rule == "fisher"
 
 
 def test_noise_is_rejected_through_the_public_api(trained_run):
@@ -204,6 +271,25 @@ def test_sample_photos_set_uses_matplotlibs_images():
     imgs = ood_sets.sample_photos(8, np.random.default_rng(0))
     assert len(imgs) == 8 and all(im.dtype == np.uint8 and min(im.shape[:2]) >= 16 for im in imgs)
     assert {im.ndim for im in imgs} == {2, 3}  # colour photos and grey maps/scans
+
+
+def test_icons_need_the_icon_theme(monkeypatch, tmp_path):
+    imgs = None
+    try:
+        imgs = ood_sets.icons(6, np.random.default_rng(0))
+    except ood_sets.MissingExtra as e:
+        assert "adwaita-icon-theme" in str(e)
+    if imgs is not None:  # RGBA pictograms, transparency kept for to_dataset_format
+        assert all(im.dtype == np.uint8 and im.shape[2] == 4 and min(im.shape[:2]) >= 64 for im in imgs)
+    monkeypatch.setattr(ood_sets, "ICON_DIRS", (str(tmp_path),))
+    with pytest.raises(ood_sets.MissingExtra, match="adwaita-icon-theme"):
+        ood_sets.icons(2, np.random.default_rng(0))
+
+
+def test_misc_images_are_crops_of_scikit_images_other_pictures():
+    pytest.importorskip("skimage")
+    imgs = ood_sets.misc_images(14, np.random.default_rng(0))
+    assert len(imgs) == 14 and all(im.dtype == np.uint8 and min(im.shape[:2]) >= 16 for im in imgs)
 
 
 def test_ood_eval_prints_the_table_and_writes_json(tmp_path, trained_run, idx_dir, capsys):

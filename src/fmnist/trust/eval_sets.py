@@ -220,6 +220,33 @@ def letters(n: int, rng: np.random.Generator, fonts=SEEN_FONTS) -> list[np.ndarr
     return out
 
 
+ICON_DIRS = ("/usr/share/icons/Adwaita/64x64", "/usr/share/icons/Adwaita/96x96")
+MISC_IMAGES = ("text", "page", "checkerboard", "logo", "colorwheel", "shepp_logan_phantom", "microaneurysms")
+
+
+def icons(n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Desktop icons (Debian's adwaita-icon-theme, 64 and 96 px PNGs, with their transparency): pictograms,
+    symbolic and in colour."""
+    from PIL import Image
+
+    paths = sorted(p for d in ICON_DIRS for p in glob.glob(f"{d}/**/*.png", recursive=True))
+    if not paths:
+        raise MissingExtra(f"no icons under {', '.join(ICON_DIRS)}: install the Debian package adwaita-icon-theme")
+    idx = rng.choice(len(paths), size=n, replace=n > len(paths))
+    out = []
+    for i in idx:
+        with Image.open(paths[i]) as im:
+            out.append(np.asarray(im.convert("RGBA")))
+    return out
+
+
+def misc_images(n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Crops of scikit-image's other sample images: text, a scanned page, a checkerboard, its logo, a colour
+    wheel, the Shepp-Logan phantom, a retina's vessels."""
+    images = [_photo(p) for p in MISC_IMAGES]
+    return _crops([im if im.dtype == np.uint8 else np.rint(255 * im).astype(np.uint8) for im in images], n, rng)
+
+
 # --- genuine garments sent as shop photos (in-distribution, should be accepted) -----------------------------
 
 def shop_photos(test_images: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -267,11 +294,13 @@ SETS = {
     "other-photos": (lambda n, rng, t: other_photos(n, rng), "crops of 4 other photos (sklearn, skimage)"),
     "silhouettes": (lambda n, rng, t: silhouettes(n, rng), "horse silhouette crops, random blobs"),
     "sample-photos": (lambda n, rng, t: sample_photos(n, rng), "crops of matplotlib's sample images"),
+    "icons": (lambda n, rng, t: icons(n, rng), "desktop icons (adwaita-icon-theme)"),
+    "misc-images": (lambda n, rng, t: misc_images(n, rng), "crops of scikit-image's other images"),
 }
-# Not used to choose the detector's scores. other-photos and silhouettes were added to check the sum rule, once
-# chosen; the switch of its feature score from knn to energy (both candidates named before) was made with them in
-# view. sample-photos was added after the detector was settled and changed nothing.
-UNSEEN = ("letters-serif", "faces", "animal", "other-photos", "silhouettes", "sample-photos")
+# Not used to choose the detector's scores. icons and misc-images were added once the outlier score, its
+# procedural non-garments and the evidence sum were settled, and scored once. Every other set was in view when
+# they were chosen (README, "Out-of-distribution inputs"), so their figures are not blind.
+UNSEEN = ("icons", "misc-images")
 
 
 def build(name: str, n: int, test_images: np.ndarray, seed: int = 0):

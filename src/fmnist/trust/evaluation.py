@@ -68,6 +68,7 @@ def row(genuine: dict, s: dict, predictor, ood: bool) -> dict:
 def report(predictor, genuine: dict, rows: dict, labels: np.ndarray) -> dict:
     accepted = np.array([r is None for r in genuine["reasons"]])
     ood_ok = genuine["ood"] <= predictor.ood_threshold
+    gates_ok = np.array([r not in ("blank", "out_of_distribution") for r in genuine["reasons"]])
     per_class = {predictor.class_names[c]: float(accepted[labels == c].mean()) for c in range(len(predictor.class_names))}
     return {
         "run": str(predictor.run.path),
@@ -76,6 +77,7 @@ def report(predictor, genuine: dict, rows: dict, labels: np.ndarray) -> dict:
         "test": {
             "n": len(labels),
             "accepted_ood_gate": float(ood_ok.mean()),
+            "passed_gates": float(gates_ok.mean()),  # neither blank nor out of distribution: answered or a set
             "accepted_any": float(accepted.mean()),
             "accuracy": float(genuine["correct"].mean()),
             "accuracy_accepted": float(genuine["correct"][accepted].mean()) if accepted.any() else None,
@@ -92,7 +94,8 @@ def format_ood_table(report: dict, by_part: bool = False) -> str:
     lines = [
         (f"{report['run']} ({report['model']}): OOD detector '{report['ood']['method']}', threshold "
          f"{report['ood']['threshold']:.3f} (accepts {100 * report['ood']['val_accept']:.1f} % of validation images)"),
-        (f"test set: {t['n']} images, {100 * t['accepted_ood_gate']:.1f} % pass the OOD gate, "
+        (f"test set: {t['n']} images, {100 * t['accepted_ood_gate']:.1f} % pass the OOD gate "
+         f"({100 * t.get('passed_gates', t['accepted_ood_gate']):.1f} % the blank and OOD gates), "
          f"{100 * t['accepted_any']:.1f} % accepted overall; accuracy {100 * t['accuracy']:.2f} % "
          f"(on accepted images {100 * (t['accuracy_accepted'] or 0):.2f} %)"),
         "accepted per class: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in t["accepted_by_class"].items()),
