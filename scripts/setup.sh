@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     pkgs="dataset-fashion-mnist"
     # postgresql: the tests of `fmnist tune` start a throwaway cluster with its initdb and pg_ctl
-    [ "$DEV" = 1 ] && pkgs="$pkgs chromium chromium-driver fonts-dejavu-core fonts-liberation postgresql"
+    [ "$DEV" = 1 ] && pkgs="$pkgs chromium chromium-driver fonts-dejavu-core fonts-liberation adwaita-icon-theme postgresql"
     missing=""
     for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
     if [ -n "$missing" ]; then
