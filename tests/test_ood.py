@@ -199,6 +199,23 @@ def test_a_tampered_tail_of_validation_scores_is_refused(tmp_path, detector):
             Detector.load(tmp_path, {"ood": dict(config, sha256=sha256(path.read_bytes()))})
 
 
+def test_a_detector_fitted_on_another_models_features_is_refused_at_load(tmp_path, trained_run):
+    from fmnist.run import Run
+    from fmnist.runfiles import load_arrays, save_arrays, sha256
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    path = run / "ood.safetensors"
+    arrays = load_arrays(path)
+    arrays["outlier.weight"] = np.concatenate([arrays["outlier.weight"], np.zeros(3, np.float32)])
+    save_arrays(path, arrays, metadata={"format": "fmnist-ood/1"})
+    meta = json.loads((run / "model.json").read_text())
+    meta["ood"]["sha256"] = sha256(path.read_bytes())  # consistent files: only the sizes tell
+    (run / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="another model's features"):
+        fmnist.load(run)
+    Run.load(trained_run).backend()  # the untouched run loads
+
+
 def test_the_default_threshold_is_set_to_pass_98_percent_of_validation_images(id_data):
     det = fit(id_data)
     assert DEFAULT_TARGET == 0.98 and det.config["target_accept"] == 0.98

@@ -170,6 +170,8 @@ class Run:
         if not (np.isfinite(features).all() and np.isfinite(logits).all()):
             raise CheckpointError(f"{weights}: the model gives non-finite outputs (NaN or infinity) for plain "
                                   "test images: its weights are damaged or its training diverged; train it again")
+        if self.detector is not None:  # a detector fitted on another model's features would fail on every request
+            self.detector.check_model(features.shape[1], logits.shape[1])
         return backend
 
     def split(self, labels):

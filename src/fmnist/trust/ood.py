@@ -286,6 +286,17 @@ class Detector:
         """
         return self.combine(self.standardised(feats, pixels, logits))
 
+    def check_model(self, feature_dim: int, num_classes: int) -> None:
+        """Raise CheckpointError unless the statistics read features and logits of these sizes."""
+        expect = {"outlier.weight": feature_dim + num_classes + 13, "knn.bank_t": feature_dim,
+                  "mahalanobis.means": feature_dim}
+        wrong = [k for k, n in expect.items() if k in self.arrays
+                 and self.arrays[k].shape[-1 if k != "knn.bank_t" else 0] != n]
+        if wrong:
+            raise CheckpointError(f"the OOD detector ({', '.join(wrong)}) was fitted on another model's features "
+                                  f"(this one has {feature_dim} features and {num_classes} classes): refit it with "
+                                  "`fmnist calibrate RUN`")
+
     def save(self, run_dir) -> dict:
         """Write RUN/ood.safetensors; return the JSON part for ``model.json["ood"]``."""
         path = Path(run_dir) / OOD_FILE
