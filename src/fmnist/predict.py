@@ -33,7 +33,8 @@ from fmnist.trust.ood import pixels01
 @dataclass
 class Analysis:
     """What one pass over a batch gives: calibrated probabilities (float64), OOD scores (None without a
-    detector) and, when asked for, each OOD part's standardised score; NumPy arrays (no PyTorch needed)."""
+    detector) and, when asked for, each OOD part on the scale the detector adds up (its evidence, or its
+    standardised score for older runs); NumPy arrays (no PyTorch needed)."""
     probs: np.ndarray
     ood: np.ndarray | None
     parts: dict | None = None

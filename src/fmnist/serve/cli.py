@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "GET /api/model)")
     p.add_argument("--ood-threshold", type=float, default=d.ood_threshold,
                    help="refuse images whose out-of-distribution score is above this, for runs with an OOD "
-                        "detector (default: the run's own)")
+                        "detector, on the run's own scale (GET /api/model shows its threshold) (default: the run's own)")
     p.add_argument("--max-body-mb", type=float, default=d.max_body / 1e6,
                    help=f"largest request body in MB (10^6 bytes); larger ones get 413 "
                         f"(default: {d.max_body / 1e6:g})")

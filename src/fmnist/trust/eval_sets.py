@@ -231,7 +231,8 @@ def icons(n: int, rng: np.random.Generator) -> list[np.ndarray]:
 
     paths = sorted(p for d in ICON_DIRS for p in glob.glob(f"{d}/**/*.png", recursive=True))
     if not paths:
-        raise MissingExtra(f"no icons under {', '.join(ICON_DIRS)}: install the Debian package adwaita-icon-theme")
+        raise MissingExtra(f"no icons under {', '.join(ICON_DIRS)}: install the Debian package adwaita-icon-theme "
+                           "(adwaita-icon-theme-legacy where the coloured PNGs moved there)")
     idx = rng.choice(len(paths), size=n, replace=n > len(paths))
     out = []
     for i in idx:

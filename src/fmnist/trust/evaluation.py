@@ -77,7 +77,7 @@ def report(predictor, genuine: dict, rows: dict, labels: np.ndarray) -> dict:
         "test": {
             "n": len(labels),
             "accepted_ood_gate": float(ood_ok.mean()),
-            "passed_gates": float(gates_ok.mean()),  # neither blank nor out of distribution: answered or a set
+            "passed_gates": float(gates_ok.mean()),  # neither blank nor out of distribution
             "accepted_any": float(accepted.mean()),
             "accuracy": float(genuine["correct"].mean()),
             "accuracy_accepted": float(genuine["correct"][accepted].mean()) if accepted.any() else None,

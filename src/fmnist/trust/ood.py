@@ -263,13 +263,14 @@ class Detector:
                                           np.zeros(len(t["mahalanobis.means"]), np.float32))
         return {name: np.asarray(v, np.float32) for name, v in out.items()}
 
-    def standardised(self, feats, pixels, logits=None) -> dict[str, np.ndarray]:
+    def standardised(self, feats, pixels, logits=None, in_sample: bool = False) -> dict[str, np.ndarray]:
         """Each part's score on the common scale the combination adds up: its evidence, -log p-value among the
-        validation images (rule ``fisher``), or for older runs (score - validation median) / (95th percentile
-        - median)."""
+        validation images (rule ``fisher``; ``in_sample`` for the validation images themselves, see
+        :func:`_evidence`), or for older runs (score - validation median) / (95th percentile - median)."""
         raw = self._raw(feats, pixels, logits)
         if self.rule == "fisher":
-            return {n: _evidence(s, self.arrays[f"tail.{n}"], self.config["standardise"][n][1]) for n, s in raw.items()}
+            return {n: _evidence(s, self.arrays[f"tail.{n}"], self.config["standardise"][n][1], in_sample)
+                    for n, s in raw.items()}
         return _standardise(raw, self.config["standardise"])
 
     def combine(self, standardised: dict) -> np.ndarray:
@@ -288,13 +289,21 @@ class Detector:
 
     def check_model(self, feature_dim: int, num_classes: int) -> None:
         """Raise CheckpointError unless the statistics read features and logits of these sizes."""
-        expect = {"outlier.weight": feature_dim + num_classes + 13, "knn.bank_t": feature_dim,
-                  "mahalanobis.means": feature_dim}
-        wrong = [k for k, n in expect.items() if k in self.arrays
-                 and self.arrays[k].shape[-1 if k != "knn.bank_t" else 0] != n]
+        a = self.arrays
+        sizes = {  # statistic: (its size, what it should be, which dimension)
+            "outlier.weight": (a["outlier.weight"].shape[0] if "outlier.weight" in a else None,
+                               feature_dim + num_classes + 13, "features + classes + 13"),
+            "knn.bank": (a["knn.bank_t"].shape[0] if "knn.bank_t" in a else None, feature_dim, "features"),
+            "mahalanobis.means": (a["mahalanobis.means"].shape if "mahalanobis.means" in a else None,
+                                  (num_classes, feature_dim), "classes x features"),
+            "stats.means": (a["stats.means"].shape[0] if "stats.means" in a else None, num_classes, "classes"),
+            "pixel.means": (a["pixel.means"].shape[0] if "pixel.means" in a else None, num_classes, "classes"),
+        }
+        wrong = [f"{k} ({what} {got}, the model's {want})" for k, (got, want, what) in sizes.items()
+                 if got is not None and tuple(np.atleast_1d(got)) != tuple(np.atleast_1d(want))]
         if wrong:
-            raise CheckpointError(f"the OOD detector ({', '.join(wrong)}) was fitted on another model's features "
-                                  f"(this one has {feature_dim} features and {num_classes} classes): refit it with "
+            raise CheckpointError(f"the OOD detector was fitted on another model ({', '.join(wrong)}; this one has "
+                                  f"{feature_dim} features and {num_classes} classes): refit it with "
                                   "`fmnist calibrate RUN`")
 
     def save(self, run_dir) -> dict:
@@ -331,29 +340,39 @@ class Detector:
                    and not any(k.startswith(need.get(n, n) + ".") for k in det.tensors)]
         if det.rule == "fisher":
             missing += [f"{n} (validation scores)" for n in det.parts if f"tail.{n}" not in det.tensors]
+        if "outlier" in det.parts:
+            missing += [k for k in ("outlier.weight", "outlier.bias") if k not in det.tensors]
         if missing or set(config.get("standardise", {})) != set(det.parts):
             raise CheckpointError(f"{path} lacks the statistics of {', '.join(missing) or 'standardisation'}: "
                                   "refit with `fmnist calibrate RUN`")
         bad = [k for k, v in det.arrays.items() if not np.isfinite(v).all()]
-        bad += [k for k, v in det.arrays.items() if k.startswith("tail.") and (v.ndim != 1 or (np.diff(v) < 0).any())]
+        bad += [k for k, v in det.arrays.items()
+                if k.startswith("tail.") and (v.ndim != 1 or not len(v) or (np.diff(v) < 0).any())]
         bad += [n for n, (med, scale) in config["standardise"].items()
                 if not (np.isfinite(med) and np.isfinite(scale) and scale > 0)]
         if bad:
-            raise CheckpointError(f"{path}: non-finite OOD statistics ({', '.join(sorted(bad))}): the detector "
-                                  "would accept anything; refit it with `fmnist calibrate RUN`")
+            raise CheckpointError(f"{path}: damaged or non-finite OOD statistics ({', '.join(sorted(bad))}): the "
+                                  "detector would score wrongly; refit it with `fmnist calibrate RUN`")
         return det
 
 
-def _evidence(scores, tail: np.ndarray, scale: float) -> np.ndarray:
+def _evidence(scores, tail: np.ndarray, scale: float, in_sample: bool = False) -> np.ndarray:
     """-log of the p-value of each score among the sorted validation scores ``tail``: (number at least as high
     + 1) / (n + 1). Past the highest validation score it keeps growing, by one per ``scale`` (the part's 95th
-    percentile minus median), so that stranger inputs still score higher."""
+    percentile minus median), so that stranger inputs still score higher. A score that is not a finite number
+    gets infinite evidence: refused, whatever the other parts say.
+
+    ``in_sample``: the scores are the validation images' own (setting the threshold): each is judged among the
+    n - 1 others, (number at least as high) / n, or the threshold would promise more acceptance than new
+    images get (each validation image would count itself).
+    """
     s = _np(scores)
     n = len(tail)
     at_least = n - np.searchsorted(tail, s, side="left")
-    e = np.log((n + 1) / (at_least + 1.0))
-    beyond = np.maximum(s - tail[-1], 0) / np.float32(scale)
-    return (e + beyond).astype(np.float32)
+    e = np.log(n / np.maximum(at_least, 1)) if in_sample else np.log((n + 1) / (at_least + 1.0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        beyond = np.maximum(s - tail[-1], 0) / np.float32(scale)
+        return np.where(np.isfinite(s), e + beyond, np.inf).astype(np.float32)
 
 
 def _standardise(raw: dict, std: dict) -> dict:

@@ -45,8 +45,8 @@ def fit_detector(cls, train_feats, train_labels, train_pixels, val_feats, val_pi
     det.config["standardise"] = {name: _robust_scale(torch.from_numpy(s)) for name, s in raw.items()}
     if COMBINE == "fisher":  # the sorted validation scores: each part's p-values are read from them
         det = cls({**tensors, **{f"tail.{n}": torch.from_numpy(np.sort(s)) for n, s in raw.items()}}, det.config)
-    set_threshold(det, torch.from_numpy(det.combine(det.standardised(val_feats, val_pixels, val_logits))),
-                  target_accept)
+    val_scores = det.combine(det.standardised(val_feats, val_pixels, val_logits, in_sample=True))
+    set_threshold(det, torch.from_numpy(val_scores), target_accept)
     det.config.update({
         "method": METHOD[COMBINE] + ", ".join(parts),
         "fit_on": f"training split ({len(train_feats)} images)"
