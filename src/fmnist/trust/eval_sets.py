@@ -220,7 +220,9 @@ def letters(n: int, rng: np.random.Generator, fonts=SEEN_FONTS) -> list[np.ndarr
     return out
 
 
-ICON_DIRS = ("/usr/share/icons/Adwaita/64x64", "/usr/share/icons/Adwaita/96x96")
+# Debian 12's adwaita-icon-theme; later releases moved the coloured PNGs to adwaita-icon-theme-legacy
+ICON_DIRS = ("/usr/share/icons/Adwaita/64x64", "/usr/share/icons/Adwaita/96x96",
+             "/usr/share/icons/AdwaitaLegacy/64x64", "/usr/share/icons/AdwaitaLegacy/96x96")
 MISC_IMAGES = ("text", "page", "checkerboard", "logo", "colorwheel", "shepp_logan_phantom", "microaneurysms")
 
 
