@@ -95,7 +95,7 @@ def format_ood_table(report: dict, by_part: bool = False) -> str:
         (f"{report['run']} ({report['model']}): OOD detector '{report['ood']['method']}', threshold "
          f"{report['ood']['threshold']:.3f} (accepts {100 * report['ood']['val_accept']:.1f} % of validation images)"),
         (f"test set: {t['n']} images, {100 * t['accepted_ood_gate']:.1f} % pass the OOD gate "
-         f"({100 * t.get('passed_gates', t['accepted_ood_gate']):.1f} % the blank and OOD gates), "
+         f"({100 * t['passed_gates']:.1f} % the blank and OOD gates), "
          f"{100 * t['accepted_any']:.1f} % accepted overall; accuracy {100 * t['accuracy']:.2f} % "
          f"(on accepted images {100 * (t['accuracy_accepted'] or 0):.2f} %)"),
         "accepted per class: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in t["accepted_by_class"].items()),

@@ -99,6 +99,7 @@ def _linear_stats() -> np.ndarray:
 
 _LINEAR = _linear_stats()
 _LEVELS = np.array([0.125, 0.5, 0.9], np.float32)[:, None]
+N_STATS = 13  # columns of image_stats
 
 
 def image_stats(u) -> np.ndarray:
@@ -179,7 +180,8 @@ def _score_energy(logits) -> np.ndarray:
 
 
 def outlier_inputs(feats, logits, u, stats=None) -> np.ndarray:
-    """What the ``outlier`` classifier reads: features, logits and image statistics side by side (N, D + C + 13)."""
+    """What the ``outlier`` classifier reads: features, logits and image statistics side by side
+    (N, D + C + N_STATS)."""
     return np.concatenate([_np(feats), _np(logits), image_stats(u) if stats is None else stats], 1)
 
 
@@ -289,18 +291,11 @@ class Detector:
 
     def check_model(self, feature_dim: int, num_classes: int) -> None:
         """Raise CheckpointError unless the statistics read features and logits of these sizes."""
-        a = self.arrays
-        sizes = {  # statistic: (its size, what it should be, which dimension)
-            "outlier.weight": (a["outlier.weight"].shape[0] if "outlier.weight" in a else None,
-                               feature_dim + num_classes + 13, "features + classes + 13"),
-            "knn.bank": (a["knn.bank_t"].shape[0] if "knn.bank_t" in a else None, feature_dim, "features"),
-            "mahalanobis.means": (a["mahalanobis.means"].shape if "mahalanobis.means" in a else None,
-                                  (num_classes, feature_dim), "classes x features"),
-            "stats.means": (a["stats.means"].shape[0] if "stats.means" in a else None, num_classes, "classes"),
-            "pixel.means": (a["pixel.means"].shape[0] if "pixel.means" in a else None, num_classes, "classes"),
-        }
-        wrong = [f"{k} ({what} {got}, the model's {want})" for k, (got, want, what) in sizes.items()
-                 if got is not None and tuple(np.atleast_1d(got)) != tuple(np.atleast_1d(want))]
+        expected = [("outlier.weight", 0, feature_dim + num_classes + N_STATS), ("knn.bank_t", 0, feature_dim),
+                    ("mahalanobis.means", 0, num_classes), ("mahalanobis.means", 1, feature_dim),
+                    ("stats.means", 0, num_classes), ("pixel.means", 0, num_classes)]
+        wrong = [f"{key} has {self.arrays[key].shape[axis]}, the model {size}" for key, axis, size in expected
+                 if key in self.arrays and self.arrays[key].shape[axis] != size]
         if wrong:
             raise CheckpointError(f"the OOD detector was fitted on another model ({', '.join(wrong)}; this one has "
                                   f"{feature_dim} features and {num_classes} classes): refit it with "

@@ -43,20 +43,17 @@ def fit_detector(cls, train_feats, train_labels, train_pixels, val_feats, val_pi
     det = cls(tensors, {"format": OOD_FORMAT, "parts": parts, "knn_k": KNN_K, "combine": COMBINE})
     raw = det.part_scores(val_feats, val_pixels, val_logits)
     det.config["standardise"] = {name: _robust_scale(torch.from_numpy(s)) for name, s in raw.items()}
-    if COMBINE == "fisher":  # the sorted validation scores: each part's p-values are read from them
-        det = cls({**tensors, **{f"tail.{n}": torch.from_numpy(np.sort(s)) for n, s in raw.items()}}, det.config)
+    # the sorted validation scores: each part's p-values are read from them
+    det = cls({**tensors, **{f"tail.{n}": torch.from_numpy(np.sort(s)) for n, s in raw.items()}}, det.config)
     val_scores = det.combine(det.standardised(val_feats, val_pixels, val_logits, in_sample=True))
     set_threshold(det, torch.from_numpy(val_scores), target_accept)
     det.config.update({
-        "method": METHOD[COMBINE] + ", ".join(parts),
+        "method": "sum of -log validation p-values: " + ", ".join(parts),
         "fit_on": f"training split ({len(train_feats)} images)"
                   + (f" and {len(outliers[0])} procedural non-garments" if "outlier" in parts else ""),
         "threshold_on": f"validation split ({len(val_feats)} images)",
     })
     return det
-
-
-METHOD = {"fisher": "sum of -log validation p-values: ", "sum": "sum of validation-standardised scores: "}
 
 
 def _fit_outlier(garments: np.ndarray, outliers: np.ndarray, l2: float = OUTLIER_L2) -> dict:
