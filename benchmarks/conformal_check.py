@@ -2,11 +2,11 @@
 
 Fits every variant on the run's validation split (the split `fmnist train` held out: config.json's val_size
 and seed) with the run's temperature, and measures it on the official test set: the default of
-`fmnist.trust.conformal.fit` (deterministic RAPS, k_reg 2, lam 0.1), plain APS, RAPS at other k_reg/lam, RAPS tuned
+`fmnist.core.conformal.fit` (deterministic RAPS, k_reg 2, lam 0.1), plain APS, RAPS at other k_reg/lam, RAPS tuned
 as in Angelopoulos et al. (on a fifth of the validation images), randomised APS (exact coverage, but a
 different answer for the same image) with and without the top label forced in, and APS with U = 1 (Romano's
 non-randomised sets). ``--synthetic`` runs the same comparison on calibrated synthetic classifiers instead
-(no model, no data; the figures quoted in fmnist/trust/conformal.py's docstring).
+(no model, no data; the figures quoted in fmnist/core/conformal.py's docstring).
 
     python benchmarks/conformal_check.py runs/latest
     python benchmarks/conformal_check.py runs/latest --coverage 0.9 --data-dir /path/to/idx
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist.trust import conformal
+from fmnist.core import conformal
 
 FIXED = ((1, 0.1), (3, 0.1), (2, 0.01), (2, 0.05), (2, 0.2), (2, 0.5))  # (k_reg, lam) of the other RAPS rows
 LAMBDAS = (0.0, 0.001, 0.01, 0.1, 0.2, 0.5)  # the tuning grid of Angelopoulos et al., plus 0
@@ -88,11 +88,11 @@ def print_table(title: str, rows: dict[str, list[tuple[float, ...]]]) -> None:
 
 def run_probs(run_dir: Path, data_dir, verify: bool, threads: int):
     """Calibrated (validation probs, labels, test probs, labels) of a run folder's model."""
-    from fmnist import runtime
-    from fmnist.data import load_fashion_mnist
-    from fmnist.evaluate import run_logits
-    from fmnist.forward import probabilities
-    from fmnist.run import Run
+    from fmnist.fit import runtime
+    from fmnist.fit.data import load_fashion_mnist
+    from fmnist.fit.evaluate import run_logits
+    from fmnist.core.forward import probabilities
+    from fmnist.core.run import Run
 
     device = runtime.setup(threads or None, "cpu")
     run = Run.load(run_dir, detector=False)

@@ -3,7 +3,7 @@
 Trains candidate recipes for fixed numbers of epochs (no time budget), chooses on the validation split, and reports
 the test accuracy (flip TTA) of what it chose. Accuracy after a number of epochs does not depend on the machine,
 so the table measured on one machine serves every machine: a time-budgeted preset probes which row its budget
-buys here (:mod:`fmnist.throughput`).
+buys here (:mod:`fmnist.fit.throughput`).
 
     python benchmarks/epoch_table.py --epochs 3,5 --seeds 0                       # a CPU: one run at a time
     python benchmarks/epoch_table.py --workers 6 --deadline 420 --json t.json     # a GPU: runs share it
@@ -59,9 +59,9 @@ def run_one(job: dict) -> dict:
     """Train one recipe for its epochs and evaluate it; errors are returned, not raised (one bad run must not end
     a sweep that others share)."""
     global _DATA
-    from fmnist.data import load_fashion_mnist
-    from fmnist.evaluate import evaluate_run
-    from fmnist.train import resolve_config, train
+    from fmnist.fit.data import load_fashion_mnist
+    from fmnist.fit.evaluate import evaluate_run
+    from fmnist.fit.train import resolve_config, train
 
     try:
         _DATA = _DATA or load_fashion_mnist()
@@ -80,7 +80,7 @@ def run_one(job: dict) -> dict:
 def _device_name() -> str:
     import torch
 
-    from fmnist.runtime import cpu_model
+    from fmnist.fit.runtime import cpu_model
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_model()
 

@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fmnist import runtime
-from fmnist.models import count_parameters, create_model, model_names
+from fmnist.fit import runtime
+from fmnist.fit.models import count_parameters, create_model, model_names
 
 FAST_MODELS = "s2d-24,s2d-32,s2d-48,tiny,resnet-lite,resnet9-s"
 

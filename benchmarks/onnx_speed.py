@@ -3,7 +3,7 @@
 For each backend: single-image latency (p50, p90, p99 over timed calls, one thread by default) and batch
 throughput (images per second at --batch). PyTorch runs the model as the server does (BatchNorm folded,
 channels_last weights, inference mode); ONNX Runtime runs RUN/model.onnx and RUN/model.int8.onnx with the
-settings of :class:`fmnist.backends.OnnxBackend`. Every backend goes through the same ``run(x)`` interface
+settings of :class:`fmnist.core.backends.OnnxBackend`. Every backend goes through the same ``run(x)`` interface
 (NumPy in, NumPy out), so conversion costs count on both sides. No preprocessing, TTA or trust layer: this
 is the model alone. Export first (``fmnist export RUN --int8``); run on an otherwise idle machine.
 
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmnist import runtime
-from fmnist.backends import OnnxBackend
-from fmnist.export import FP32, INT8
-from fmnist.run import Run
+from fmnist.fit import runtime
+from fmnist.core.backends import OnnxBackend
+from fmnist.fit.export import FP32, INT8
+from fmnist.core.run import Run
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 
@@ -72,8 +72,8 @@ def backends(run: Path, threads: int) -> dict:
 def sample_images(run: Path, n: int, data_dir) -> tuple[np.ndarray, str]:
     """Official test images, preprocessed as the run's model expects; random ones where there are none (int8
     ranges are calibrated on garments, so int8 agreement on noise says little)."""
-    from fmnist.data import DataError, load_fashion_mnist
-    from fmnist.preprocess import preprocess
+    from fmnist.fit.data import DataError, load_fashion_mnist
+    from fmnist.core.preprocess import preprocess
 
     try:
         data = load_fashion_mnist(data_dir, download=False)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     run = Path(args.run)
     if not (run / FP32).exists():
         ap.error(f"{run / FP32} not found: run `fmnist export {run} --int8` first")
-    torch.set_flush_denormal(True)  # as fmnist.runtime.setup does; ONNX Runtime gets the same setting
+    torch.set_flush_denormal(True)  # as fmnist.fit.runtime.setup does; ONNX Runtime gets the same setting
     import onnxruntime
 
     print(f"{runtime.cpu_model()}; flags: {cpu_flags()}; torch {torch.__version__} "

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from fmnist.data import load_fashion_mnist, split_indices
-from fmnist.recipes import resolve_config
-from fmnist.runtime import environment
+from fmnist.fit.data import load_fashion_mnist, split_indices
+from fmnist.fit.recipes import resolve_config
+from fmnist.fit.runtime import environment
 
 
 def run_epoch(out: Path, procs: int, threads: int, device: str, train_args: list[str]) -> dict:

@@ -59,7 +59,7 @@ def sample_images(paths: list[str], count: int = 64) -> list[bytes]:
     from PIL import Image
 
     if (OFFICIAL / "t10k-images-idx3-ubyte.gz").exists():
-        from fmnist.data import read_idx
+        from fmnist.fit.data import read_idx
 
         arrays = np.asarray(read_idx(OFFICIAL / "t10k-images-idx3-ubyte.gz")[:count])
     else:
@@ -269,7 +269,7 @@ def start_server(run: str, threads: int, max_concurrency: int, backend: str = "a
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "fmnist.serve", run, "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "fmnist.apps.serve", run, "--host", "127.0.0.1", "--port", str(port),
            "--threads", str(threads), "--max-concurrency", str(max_concurrency), "--backend", backend, "--no-access-log",
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd)
@@ -293,9 +293,9 @@ def start_server(run: str, threads: int, max_concurrency: int, backend: str = "a
 def in_process(run: str, images: list[bytes], repeat: int, backend: str = "auto") -> dict:
     """Latency of one request's work without HTTP, of the Python API, and of the model alone."""
     import fmnist
-    from fmnist.forward import forward
-    from fmnist.images import MAX_PIXELS
-    from fmnist.serve.inference import classify_batch, prepare_upload, single_threaded_compute
+    from fmnist.core.forward import forward
+    from fmnist.core.images import MAX_PIXELS
+    from fmnist.apps.serve.inference import classify_batch, prepare_upload, single_threaded_compute
 
     plain = fmnist.load(run, backend=backend)
     served = fmnist.load(run, backend=backend, fold_bn=True)  # as the server loads it
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running server, on a loopback address (e.g. http://127.0.0.1:8000)")
-    target.add_argument("--run", help="start `python -m fmnist.serve RUN` on a free loopback port and load it")
+    target.add_argument("--run", help="start `python -m fmnist.apps.serve RUN` on a free loopback port and load it")
     target.add_argument("--in-process", metavar="RUN", help="time one prediction in this process, no HTTP")
     p.add_argument("-n", "--requests", type=int, default=2000, help="requests to measure (default: 2000)")
     p.add_argument("-c", "--concurrency", type=int, default=16, help="concurrent clients (default: 16)")

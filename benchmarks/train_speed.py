@@ -29,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from fmnist.data import load_fashion_mnist
-from fmnist.evaluate import evaluate_run
-from fmnist.runtime import environment
-from fmnist.train import PRESETS, resolve_config, train
+from fmnist.fit.data import load_fashion_mnist
+from fmnist.fit.evaluate import evaluate_run
+from fmnist.fit.runtime import environment
+from fmnist.fit.train import PRESETS, resolve_config, train
 
 TARGET = 0.916
 REFERENCE = dict(model="resnet9-s", augment="flip,crop", batch_size=256)
@@ -100,7 +100,7 @@ def run_keras_peer(data, val_size: int, seed: int, epochs: int) -> dict:
     """Seed A's recipe in Keras on fmnist's own split (benchmarks/keras_peer.py), timed to 91.6 % validation."""
     import numpy as np
 
-    from fmnist.data import split_indices
+    from fmnist.fit.data import split_indices
 
     python = ensure_peer_venv()
     train_idx, val_idx = split_indices(data.train_labels, resolve_config("seed-a", val_size=val_size, seed=seed))

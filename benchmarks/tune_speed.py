@@ -26,7 +26,7 @@ LRS = "1e-1,1e-2,1e-3,1e-4"
 
 
 def sweep_command(out: Path, workers: int, args) -> list[str]:
-    cmd = [sys.executable, "-m", "fmnist.cli", "tune", "--preset", "seed-a", "--lr", LRS, "--sampler", "grid",
+    cmd = [sys.executable, "-m", "fmnist.apps.cli", "tune", "--preset", "seed-a", "--lr", LRS, "--sampler", "grid",
            "--workers", str(workers), "--out", str(out), "--study", f"seed-a-w{workers}"]
     for flag, value in (("--epochs", args.epochs), ("--subset", args.subset), ("--val-size", args.val_size),
                         ("--data-dir", args.data_dir)):
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, metavar="DIR", help="keep the study folders here (default: discard)")
     args = p.parse_args(argv)
 
-    from fmnist.runtime import physical_cores
+    from fmnist.fit.runtime import physical_cores
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="fmnist-tune-speed-") as tmp:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist.data import FashionMNIST
+from fmnist.fit.data import FashionMNIST
 
 
 def make_synthetic(n_train: int = 1200, n_test: int = 300, seed: int = 0) -> FashionMNIST:
@@ -47,7 +47,7 @@ def synthetic_data() -> FashionMNIST:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, synthetic_data):
     """The fast preset's model (s2d-24) trained for 4 epochs on the synthetic data (seconds on one thread)."""
-    from fmnist.train import resolve_config, train
+    from fmnist.fit.train import resolve_config, train
 
     out = tmp_path_factory.mktemp("runs") / "fast"
     cfg = resolve_config("fast", model="s2d-24", time_budget=0, epochs=4, lr=0.05, batch_size=64, val_size=200,
@@ -59,7 +59,7 @@ def trained_run(tmp_path_factory, synthetic_data):
 @pytest.fixture(scope="session")
 def idx_dir(tmp_path_factory, synthetic_data):
     """The synthetic data written as the four IDX files, for commands that load data themselves (--no-verify)."""
-    from fmnist.data import write_idx
+    from fmnist.fit.data import write_idx
 
     d = tmp_path_factory.mktemp("idx")
     write_idx(d / "train-images-idx3-ubyte", synthetic_data.train_images)

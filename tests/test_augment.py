@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmnist.augment import (
+from fmnist.fit.augment import (
     AUGMENTATIONS,
     augment_batch,
     gaussian_noise,
@@ -14,7 +14,7 @@ from fmnist.augment import (
     random_crop,
     random_erase,
 )
-from fmnist.preprocess import make_spec, preprocess
+from fmnist.core.preprocess import make_spec, preprocess
 
 SPEC = make_spec()
 BG = (0.0 - SPEC["mean"]) / SPEC["std"]  # the normalised value of a black (raw 0) pixel

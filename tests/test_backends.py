@@ -10,12 +10,12 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from fmnist.checkpoint import CheckpointError  # noqa: E402
-from fmnist.cli import main  # noqa: E402
-from fmnist.evaluate import evaluate_run  # noqa: E402
-from fmnist.export import export_onnx  # noqa: E402
-from fmnist.predict import Predictor  # noqa: E402
-from fmnist.trust import eval_sets  # noqa: E402
+from fmnist.fit.checkpoint import CheckpointError  # noqa: E402
+from fmnist.apps.cli import main  # noqa: E402
+from fmnist.fit.evaluate import evaluate_run  # noqa: E402
+from fmnist.fit.export import export_onnx  # noqa: E402
+from fmnist.core.predict import Predictor  # noqa: E402
+from fmnist.fit.trust import eval_sets  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_int8_backend_evaluates_close_to_fp32(exported, synthetic_data):
 
 def test_new_weights_remove_the_exported_files(exported, tmp_path):
     """ONNX files of earlier weights must never answer for the model now in the folder."""
-    from fmnist.run import Run, save_model
+    from fmnist.core.run import Run, save_model
 
     run = shutil.copytree(exported, tmp_path / "run")
     save_model(run, Run.load(run).model(), {k: v for k, v in Run.load(run).meta.items() if k != "onnx"})
@@ -131,7 +131,7 @@ def test_predict_without_pytorch(exported, synthetic_data, tmp_path):
     for i, img in enumerate(_images(synthetic_data)[::8]):
         files.append(tmp_path / f"{i}.png")
         files[-1].write_bytes(_png(img))
-    proc = _no_torch("fmnist.cli", "predict", str(exported), *map(str, files), "--backend", "onnx",
+    proc = _no_torch("fmnist.apps.cli", "predict", str(exported), *map(str, files), "--backend", "onnx",
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -140,7 +140,7 @@ def test_predict_without_pytorch(exported, synthetic_data, tmp_path):
     assert [(g["label"], g["verdict"], g["reason"]) for g in got] == [(w["label"], w["verdict"], w["reason"])
                                                                      for w in want]
     # a command that needs PyTorch says so in one line
-    proc = _no_torch("fmnist.cli", "calibrate", str(exported), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = _no_torch("fmnist.apps.cli", "calibrate", str(exported), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                      text=True)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "needs PyTorch" in err and "Traceback" not in err
@@ -158,7 +158,7 @@ def test_server_without_pytorch_answers_and_refuses(exported, synthetic_data):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = _no_torch("fmnist.serve", str(exported), "--port", str(port), "--backend", "onnx",
+    proc = _no_torch("fmnist.apps.serve", str(exported), "--port", str(port), "--backend", "onnx",
                      "--log-level", "warning", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from fmnist.cli import main
-from fmnist.trust.calibration import (
+from fmnist.apps.cli import main
+from fmnist.fit.trust.calibration import (
     brier_score,
     calibrate,
     calibration_metrics,
@@ -17,7 +17,7 @@ from fmnist.trust.calibration import (
     fit_temperature,
     nll,
 )
-from fmnist.trust.ood import DEFAULT_PARTS
+from fmnist.core.ood import DEFAULT_PARTS
 
 
 def overconfident(n: int = 4000, true_t: float = 2.5, seed: int = 0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fmnist import CLASS_NAMES
-from fmnist.checkpoint import (
+from fmnist.fit.checkpoint import (
     CheckpointError,
     load_state,
     load_tensors,
@@ -17,13 +17,13 @@ from fmnist.checkpoint import (
     save_tensors,
     write_json,
 )
-from fmnist.models import create_model
-from fmnist.preprocess import make_spec
-from fmnist.run import MODEL_FORMAT, Run, save_model
+from fmnist.fit.models import create_model
+from fmnist.core.preprocess import make_spec
+from fmnist.core.run import MODEL_FORMAT, Run, save_model
 
 
 def load_model(path):
-    """The weights and model.json of a run folder, through the one loader (:class:`fmnist.run.Run`)."""
+    """The weights and model.json of a run folder, through the one loader (:class:`fmnist.core.run.Run`)."""
     run = Run.load(path)
     return run.model(), run.meta
 

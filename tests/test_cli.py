@@ -10,10 +10,10 @@ import pytest
 from conftest import make_synthetic
 from PIL import Image
 
-from fmnist.cli import main
-from fmnist.data import load_fashion_mnist, write_idx
-from fmnist.models import count_parameters, create_model, model_names
-from fmnist.train import resolve_config, train
+from fmnist.apps.cli import main
+from fmnist.fit.data import load_fashion_mnist, write_idx
+from fmnist.fit.models import count_parameters, create_model, model_names
+from fmnist.fit.train import resolve_config, train
 
 # Copies of the shared trained run leave out files other tests may have added to it.
 FRESH = shutil.ignore_patterns("metrics.json")
@@ -223,7 +223,7 @@ def test_resume_from_the_cli_on_unverified_data(tmp_path, capsys, data_dir):
 
 
 def test_predict_on_an_idx_file_batches_the_model_calls(trained_run, idx_dir, capsys, monkeypatch):
-    from fmnist.predict import Predictor
+    from fmnist.core.predict import Predictor
 
     calls = []
     real = Predictor.predict_prepared

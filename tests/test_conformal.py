@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fmnist.trust import conformal as C
+from fmnist.core import conformal as C
 
 N_CAL, N_TEST, TARGET = 5000, 20000, 0.95
 # Coverage varies with the test sample (binomial) and with the calibration sample (the quantile's own

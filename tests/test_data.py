@@ -1,4 +1,4 @@
-"""Tests for fmnist.data: strict IDX parsing, locating/downloading data, loading and the stratified split."""
+"""Tests for fmnist.fit.data: strict IDX parsing, locating/downloading data, loading and the stratified split."""
 from __future__ import annotations
 
 import functools
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist import data
-from fmnist.data import DataError
+from fmnist.fit import data
+from fmnist.fit.data import DataError
 
 TRAIN_IMG, TRAIN_LAB = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 TEST_IMG, TEST_LAB = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"

@@ -16,13 +16,13 @@ import torch
 import torch.multiprocessing as mp
 
 import fmnist
-from fmnist import distributed
-from fmnist.checkpoint import load_state, load_tensors
-from fmnist.cli import main
-from fmnist.distributed import Context, context_from_env, rank_seed, share
-from fmnist.models import create_model
-from fmnist.run import Run
-from fmnist.train import resolve_config, steps_per_epoch, train
+from fmnist.fit import distributed
+from fmnist.fit.checkpoint import load_state, load_tensors
+from fmnist.apps.cli import main
+from fmnist.fit.distributed import Context, context_from_env, rank_seed, share
+from fmnist.fit.models import create_model
+from fmnist.core.run import Run
+from fmnist.fit.train import resolve_config, steps_per_epoch, train
 
 # No BatchNorm, no dropout, no augmentation: nothing differs between one process and two but how the batch is cut.
 PLAIN = dict(model="seed-b-mlp", optimizer="sgd", lr=0.05, batch_size=32, epochs=1, subset=160, val_size=100,
@@ -41,7 +41,7 @@ def free_port() -> int:
 
 def _worker(rank: int, port: int, idx_dir: str, jobs: list) -> None:
     """One rank, as torchrun would start it (the same environment variables); trains each job in turn."""
-    from fmnist.data import load_fashion_mnist
+    from fmnist.fit.data import load_fashion_mnist
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -131,7 +131,7 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, synthetic_data)
 
 @pytest.mark.slow
 def test_two_ranks_with_half_batches_take_the_steps_of_one_process(tmp_path, two_process_runs, idx_dir):
-    from fmnist.data import load_fashion_mnist
+    from fmnist.fit.data import load_fashion_mnist
 
     one = tmp_path / "one"
     train(resolve_config("fast", **PLAIN), out=one, data=load_fashion_mnist(idx_dir, verify=False), quiet=True)

@@ -20,14 +20,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from fmnist import CLASS_NAMES
-from fmnist.backends import MissingDependency, OnnxBackend
-from fmnist.checkpoint import CheckpointError, read_json, save_tensors, write_json
-from fmnist.cli import main
-from fmnist.export import FP32, INT8, calibration_images_of, export_onnx, validate_onnx
-from fmnist.forward import TorchBackend
-from fmnist.models import create_model
-from fmnist.preprocess import DEFAULT_SPEC, preprocess
-from fmnist.run import MODEL_FORMAT, Run, save_model
+from fmnist.core.backends import MissingDependency, OnnxBackend
+from fmnist.fit.checkpoint import CheckpointError, read_json, save_tensors, write_json
+from fmnist.apps.cli import main
+from fmnist.fit.export import FP32, INT8, calibration_images_of, export_onnx, validate_onnx
+from fmnist.core.forward import TorchBackend
+from fmnist.fit.models import create_model
+from fmnist.core.preprocess import DEFAULT_SPEC, preprocess
+from fmnist.core.run import MODEL_FORMAT, Run, save_model
 
 FRESH = shutil.ignore_patterns("metrics.json", "export.json")
 
@@ -113,7 +113,7 @@ def test_int8_is_smaller_and_agrees_on_most_answers(exported, synthetic_data):
 
 
 def test_calibration_images_come_from_the_training_split_only(exported, synthetic_data):
-    from fmnist.data import stratified_split
+    from fmnist.fit.data import stratified_split
 
     meta = read_json(exported / "model.json")
     calib = calibration_images_of(Run.load(exported), synthetic_data, 64)
@@ -177,10 +177,10 @@ def test_run_without_weights(tmp_path, trained_run):
 
 
 def test_an_export_that_fails_its_check_is_withdrawn(tmp_path, trained_run, idx_dir, capsys, monkeypatch):
-    import fmnist.export
-    from fmnist.predict import Predictor
+    import fmnist.fit.export
+    from fmnist.core.predict import Predictor
 
-    monkeypatch.setattr(fmnist.export, "FP32_TOLERANCE", -1.0)  # any difference from PyTorch fails the check
+    monkeypatch.setattr(fmnist.fit.export, "FP32_TOLERANCE", -1.0)  # any difference from PyTorch fails the check
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=FRESH)
     assert main(["export", str(run), "--limit", "20", "--threads", "1", "--data-dir", str(idx_dir),
                  "--no-verify"]) == 1
@@ -191,7 +191,7 @@ def test_an_export_that_fails_its_check_is_withdrawn(tmp_path, trained_run, idx_
 
 
 def test_failure_while_quantising_writes_nothing(tmp_path, trained_run, synthetic_data, monkeypatch):
-    import fmnist.export
+    import fmnist.fit.export
 
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=FRESH)
     before = sorted(p.name for p in run.iterdir()), (run / "model.json").read_bytes()
@@ -199,7 +199,7 @@ def test_failure_while_quantising_writes_nothing(tmp_path, trained_run, syntheti
     def fail(*args, **kwargs):
         raise RuntimeError("quantiser failed")
 
-    monkeypatch.setattr(fmnist.export, "_quantise", fail)
+    monkeypatch.setattr(fmnist.fit.export, "_quantise", fail)
     with pytest.raises(RuntimeError, match="quantiser failed"):
         export_onnx(run, int8=True, data=synthetic_data)
     assert (sorted(p.name for p in run.iterdir()), (run / "model.json").read_bytes()) == before
@@ -295,7 +295,7 @@ def test_onnx_backend_runs_where_torch_cannot_be_imported(exported, synthetic_da
 import sys
 sys.modules["torch"] = None  # any `import torch` now fails
 import numpy as np
-from fmnist.backends import OnnxBackend
+from fmnist.core.backends import OnnxBackend
 features, logits = OnnxBackend({str(exported / FP32)!r}).run(np.load({str(tmp_path / 'x.npy')!r}))
 np.save({str(tmp_path / 'logits.npy')!r}, logits)
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "safetensors")))

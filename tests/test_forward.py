@@ -1,12 +1,12 @@
-"""The one forward pass (fmnist.forward): batching, mirrored TTA in one place, backends, BatchNorm folding."""
+"""The one forward pass (fmnist.core.forward): batching, mirrored TTA in one place, backends, BatchNorm folding."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from fmnist.forward import TorchBackend, forward
-from fmnist.models import create_model, fuse_conv_bn
+from fmnist.core.forward import TorchBackend, forward
+from fmnist.fit.models import create_model, fuse_conv_bn
 
 
 def _model(name: str = "tiny") -> torch.nn.Module:

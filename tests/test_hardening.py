@@ -33,10 +33,10 @@ with warnings.catch_warnings():  # Starlette suggests httpx2 over httpx; both wo
     from fastapi.testclient import TestClient
 
 from fmnist import CLASS_NAMES
-from fmnist.images import MAX_PIXELS, decode_image
-from fmnist.preprocess import to_dataset_format
-from fmnist.serve.app import create_app
-from fmnist.serve.background import serve_in_thread
+from fmnist.core.images import MAX_PIXELS, decode_image
+from fmnist.core.preprocess import to_dataset_format
+from fmnist.apps.serve.app import create_app
+from fmnist.apps.serve.background import serve_in_thread
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -104,8 +104,8 @@ def test_large_image_costs_little_more_than_its_decoded_pixels(tmp_path):
     a[:100, :100, 3] = 0  # some transparency: the LA path, the costliest
     Image.fromarray(a).save(path, compress_level=1)
     script = textwrap.dedent(f"""
-        from fmnist.images import decode_image
-        from fmnist.preprocess import to_dataset_format
+        from fmnist.core.images import decode_image
+        from fmnist.core.preprocess import to_dataset_format
         data = open({str(path)!r}, "rb").read()
         def status(key):
             return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
@@ -136,7 +136,7 @@ def _photo(w: int, h: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["RGBA", "P+transparency", "CMYK", "L"])
 def test_tiled_conversion_gives_exactly_the_whole_image_result(mode):
-    from fmnist.preprocess import _factors, _luma, _shrink_pil, _tiled_reduce
+    from fmnist.core.preprocess import _factors, _luma, _shrink_pil, _tiled_reduce
 
     a = _photo(2501, 1733)
     im = Image.fromarray(a)
@@ -151,7 +151,7 @@ def test_tiled_conversion_gives_exactly_the_whole_image_result(mode):
 
 @pytest.mark.parametrize("dtype", ["uint16", "int32", "float32", "float32-wild"])
 def test_tiled_wide_modes_give_exactly_the_whole_image_result(dtype):
-    from fmnist.preprocess import _array_planes, _shrink, _wide_planes
+    from fmnist.core.preprocess import _array_planes, _shrink, _wide_planes
 
     g = _photo(2203, 1501)[..., 0].astype(np.float64)
     a = {"uint16": g * 257, "int32": g * 1000 - 7, "float32": g / 255, "float32-wild": g * 3}[dtype]
@@ -165,7 +165,7 @@ def test_tiled_wide_modes_give_exactly_the_whole_image_result(dtype):
 
 
 def test_thin_arrays_shrink_along_their_long_side():
-    from fmnist.preprocess import _shrink
+    from fmnist.core.preprocess import _shrink
 
     assert _shrink(np.ones((1, 100_000)), 1024).shape == (1, 1020)
     assert _shrink(np.ones((100_000, 3)), 1024).shape == (1020, 1)
@@ -183,7 +183,7 @@ def test_extreme_shapes_through_the_server(trained_run, garment_png):
 # --- 2. one image's failure is its own ----------------------------------------------------------------------
 
 def _batcher_run(predictor, requests, workers=1):
-    from fmnist.serve.batching import Batcher
+    from fmnist.apps.serve.batching import Batcher
 
     async def go():
         batcher = Batcher(predictor, max_pixels=MAX_PIXELS, workers=workers)
@@ -214,7 +214,7 @@ def _break_model_on(predictor, monkeypatch, marker28: np.ndarray, error: type[Ex
 @pytest.mark.parametrize("error", [RuntimeError, ValueError, OSError])
 def test_a_bug_in_the_model_call_fails_only_its_request(trained_run, synthetic_data, monkeypatch, caplog, error):
     import fmnist
-    from fmnist.serve.inference import UploadError
+    from fmnist.apps.serve.inference import UploadError
 
     predictor = fmnist.load(trained_run)
     marker = _marker_png()
@@ -222,7 +222,7 @@ def test_a_bug_in_the_model_call_fails_only_its_request(trained_run, synthetic_d
     pngs = [encode(synthetic_data.test_images[i].numpy()) for i in range(6)]
     requests = [[("a.png", pngs[0])], [("b.png", pngs[1]), ("c.png", pngs[2])],
                 [("m.png", marker)], [("d.png", pngs[3]), ("m.png", marker)], [("e.png", pngs[4])]]
-    with caplog.at_level(logging.ERROR, logger="fmnist.serve"):
+    with caplog.at_level(logging.ERROR, logger="fmnist.apps.serve"):
         out = _batcher_run(predictor, requests)
     for k in (2, 3):
         assert isinstance(out[k], UploadError) and out[k].status == 500, out[k]  # a bug is a 500, not a 400
@@ -236,7 +236,7 @@ def test_a_bug_in_the_model_call_fails_only_its_request(trained_run, synthetic_d
 
 def test_a_bug_in_preparation_fails_only_its_request(trained_run, garment_png, monkeypatch):
     import fmnist
-    from fmnist.serve.inference import UploadError
+    from fmnist.apps.serve.inference import UploadError
 
     predictor = fmnist.load(trained_run)
     real = predictor.to_image28
@@ -295,8 +295,8 @@ def test_memory_is_given_back_after_a_large_image():
         import io, threading
         import numpy as np
         from PIL import Image
-        from fmnist.predict import Predictor
-        from fmnist.serve.inference import prepare_upload
+        from fmnist.core.predict import Predictor
+        from fmnist.apps.serve.inference import prepare_upload
         a = np.full((4000, 5000, 4), 200, np.uint8)
         a[1000:3000, 1500:3500] = 20
         buf = io.BytesIO()
@@ -327,7 +327,7 @@ def test_a_small_upload_waits_for_one_large_image_not_for_a_whole_batch(trained_
     """Uploads are prepared one job each, in order of arrival: a small request that arrives while a batch
     request's first image is being prepared goes next, before the batch's other images."""
     import fmnist
-    from fmnist.serve import inference
+    from fmnist.apps.serve import inference
 
     predictor = fmnist.load(trained_run)
     order = []
@@ -541,7 +541,7 @@ def test_host_allow_list(trained_run):
 
 
 def test_default_allowed_hosts_follow_the_bound_address():
-    from fmnist.serve.settings import default_allowed_hosts
+    from fmnist.apps.serve.settings import default_allowed_hosts
 
     assert default_allowed_hosts("127.0.0.1") == ("127.0.0.1", "localhost", "::1")
     assert "192.168.1.5" in default_allowed_hosts("192.168.1.5")
@@ -639,7 +639,7 @@ def test_bad_settings_are_refused_in_one_place(tmp_path, kwargs, flag):
     (["--max-uploads", "0"], "--max-uploads"),
 ])
 def test_serve_command_refuses_bad_flags_with_one_line(tmp_path, capsys, argv, flag):
-    from fmnist.cli import main
+    from fmnist.apps.cli import main
 
     assert main(["serve", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
@@ -649,7 +649,7 @@ def test_serve_command_refuses_bad_flags_with_one_line(tmp_path, capsys, argv, f
 @pytest.mark.parametrize("error, status", [(RuntimeError("a bug"), 500), (MemoryError(), 413)])
 def test_a_fault_while_receiving_the_body_is_not_a_400(trained_run, garment_png, monkeypatch, error, status):
     """FastAPI answers 400 to any exception while it reads a form: a bug of ours must not pass as bad input."""
-    from fmnist.serve import limits
+    from fmnist.apps.serve import limits
 
     real = limits.BodyWatch.receive
 

@@ -1,4 +1,4 @@
-"""fmnist.images.decode_image: safe decoding of untrusted uploads (all images made in memory)."""
+"""fmnist.core.images.decode_image: safe decoding of untrusted uploads (all images made in memory)."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from fmnist.images import MAX_PIXELS, ImageError, ImageTooLarge, decode_image
+from fmnist.core.images import MAX_PIXELS, ImageError, ImageTooLarge, decode_image
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:

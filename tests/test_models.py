@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmnist.models import count_parameters, create_model, describe, model_names
+from fmnist.fit.models import count_parameters, create_model, describe, model_names
 
 ALL_MODELS = ["seed-a", "seed-b-mlp", "seed-b-cnn", "s2d-24", "s2d-32", "s2d-48", "tiny", "resnet-lite", "resnet9-s",
               "resnet9-m"]
@@ -59,7 +59,7 @@ def test_small_models_are_under_100k_parameters(name):
 
 
 def test_space_to_depth_stem_keeps_every_pixel():
-    from fmnist.models import SpaceToDepth
+    from fmnist.fit.models import SpaceToDepth
 
     x = torch.arange(2 * 28 * 28, dtype=torch.float32).reshape(2, 1, 28, 28)
     y = SpaceToDepth()(x)

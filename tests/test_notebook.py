@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist.data import write_idx
+from fmnist.fit.data import write_idx
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 

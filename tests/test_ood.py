@@ -10,12 +10,12 @@ import torch
 from conftest import make_synthetic
 
 import fmnist
-from fmnist.checkpoint import CheckpointError
-from fmnist.cli import main
-from fmnist.trust import eval_sets as ood_sets
-from fmnist.trust.metrics import auroc, fpr_at_tpr
-from fmnist.trust.ood import DEFAULT_PARTS, DEFAULT_TARGET, PARTS, Detector, pixels01
-from fmnist.trust.outliers import procedural
+from fmnist.fit.checkpoint import CheckpointError
+from fmnist.apps.cli import main
+from fmnist.fit.trust import eval_sets as ood_sets
+from fmnist.fit.trust.metrics import auroc, fpr_at_tpr
+from fmnist.core.ood import DEFAULT_PARTS, DEFAULT_TARGET, PARTS, Detector, pixels01
+from fmnist.fit.trust.outliers import procedural
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,8 @@ def test_auroc_and_fpr_on_known_scores():
 
 def test_pixel_model_matches_its_definition():
     """The pixel score (computed with matrix products) equals probabilistic PCA's NLL written out directly."""
-    from fmnist.trust.ood import _score_pixel
-    from fmnist.trust.ood_fit import _fit_pixel
+    from fmnist.core.ood import _score_pixel
+    from fmnist.fit.trust.ood_fit import _fit_pixel
 
     gen = torch.Generator().manual_seed(0)
     u = torch.rand(600, 28, 28, generator=gen) ** 3
@@ -155,7 +155,7 @@ def test_parts_add_their_evidence_and_older_runs_keep_their_rule(tmp_path, detec
 def test_evidence_grows_past_the_strangest_validation_image(detector, id_data):
     """Beyond every validation score the p-value cannot fall further: the evidence still grows with the score,
     so a stranger input always scores higher."""
-    from fmnist.trust.ood import _evidence
+    from fmnist.core.ood import _evidence
 
     tail = np.array([0.0, 1.0, 2.0, 3.0], np.float32)
     e = _evidence(np.array([-5.0, 0.5, 3.0, 3.5, 10.0], np.float32), tail, scale=0.5)
@@ -194,7 +194,7 @@ def test_the_outlier_score_refuses_procedural_non_garments_it_never_saw(detector
 
 
 def test_procedural_non_garments_are_repeatable_and_never_blank():
-    from fmnist.preprocess import is_blank
+    from fmnist.core.preprocess import is_blank
 
     a, b = procedural(40, seed=3), procedural(40, seed=3)
     assert a.shape == (40, 28, 28) and a.dtype == np.uint8
@@ -207,7 +207,7 @@ def test_procedural_non_garments_are_repeatable_and_never_blank():
 
 
 def test_a_tampered_tail_of_validation_scores_is_refused(tmp_path, detector):
-    from fmnist.runfiles import load_arrays, save_arrays, sha256
+    from fmnist.core.runfolder import load_arrays, save_arrays, sha256
 
     config = detector.save(tmp_path)
     path = tmp_path / "ood.safetensors"
@@ -221,8 +221,8 @@ def test_a_tampered_tail_of_validation_scores_is_refused(tmp_path, detector):
 
 
 def test_a_detector_fitted_on_another_models_features_is_refused_at_load(tmp_path, trained_run):
-    from fmnist.run import Run
-    from fmnist.runfiles import load_arrays, save_arrays, sha256
+    from fmnist.core.run import Run
+    from fmnist.core.runfolder import load_arrays, save_arrays, sha256
 
     run = shutil.copytree(trained_run, tmp_path / "run")
     path = run / "ood.safetensors"

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import fmnist
-from fmnist.images import ImageError
-from fmnist.predict import Predictor
-from fmnist.run import DEFAULT_CONFIDENCE
+from fmnist.core.images import ImageError
+from fmnist.core.predict import Predictor
+from fmnist.core.run import DEFAULT_CONFIDENCE
 
 # Copies of the shared trained run leave out files other tests may have added to it.
 FRESH = shutil.ignore_patterns("metrics.json")
@@ -127,7 +127,7 @@ def test_a_confident_image_gets_a_singleton(tmp_path, trained_run, images):
 
 
 def test_a_non_garment_is_refused_never_uncertain(trained_run, images):
-    from fmnist.trust import eval_sets
+    from fmnist.fit.trust import eval_sets
 
     # Nothing reaches a 1.01 threshold: whatever passes the gates is hedged, so noise must be stopped by them.
     hedging = fmnist.load(trained_run, confidence_threshold=1.01)

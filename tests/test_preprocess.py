@@ -1,4 +1,4 @@
-"""fmnist.preprocess: to_dataset_format (user photos -> the data set's 28x28 format) and is_blank.
+"""fmnist.core.preprocess: to_dataset_format (user photos -> the data set's 28x28 format) and is_blank.
 
 Uses the official test images from /usr/share/datasets/fashion-mnist when present (tests marked
 ``realdata`` need them and are skipped otherwise); the shop-photo round trip falls back to synthetic
@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from fmnist.images import ImageError, decode_image
-from fmnist.preprocess import DEFAULT_SPEC, is_blank, preprocess, to_dataset_format
+from fmnist.core.images import ImageError, decode_image
+from fmnist.core.preprocess import DEFAULT_SPEC, is_blank, preprocess, to_dataset_format
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 HAVE_DATA = (DATA / "t10k-images-idx3-ubyte.gz").exists()
@@ -414,7 +414,7 @@ def test_no_real_test_image_is_blank(real_images):
 def test_one_idea_of_dataset_format_for_a_single_28x28_image():
     """A uint8 28x28 dark garment on white is a user image like any other: preprocess() inverts it as the
     Predictor does, instead of taking it for a data-set image because of its dtype and shape."""
-    from fmnist.predict import Predictor
+    from fmnist.core.predict import Predictor
 
     img = np.full((28, 28), 255, np.uint8)
     img[4:24, 8:20] = 30  # a dark "garment" on white paper

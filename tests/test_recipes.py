@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import make_synthetic
 
-from fmnist.recipes import EPOCH_TABLE, TINY_TABLE, choose_row, resolve_config, table_recipe
-from fmnist.train import train
+from fmnist.fit.recipes import EPOCH_TABLE, TINY_TABLE, choose_row, resolve_config, table_recipe
+from fmnist.fit.train import train
 
 # What one epoch of each table model costs on three made-up machines (seconds): relative costs as measured on a
 # 2-core CPU (s2d-32 : resnet9-s : resnet9-m : resnet9-l about 1 : 3 : 8 : 30), the GPU far flatter.
@@ -69,7 +69,7 @@ def test_epochs_without_a_budget_train_the_table_recipe():
 def test_a_budgeted_auto_recipe_keeps_what_its_user_gave():
     cfg = resolve_config("fast", batch_size=64, augment="flip")
     assert cfg.model == "auto" and cfg.pinned == "augment,batch_size"
-    from fmnist.throughput import size_recipe
+    from fmnist.fit.throughput import size_recipe
 
     chosen, note = size_recipe(cfg, torch.device("cpu"), n_train=640, n_val=64, reserve=0.0)
     assert chosen.batch_size == 64 and chosen.augment == "flip" and chosen.model in {r["model"] for _, r in
@@ -78,7 +78,7 @@ def test_a_budgeted_auto_recipe_keeps_what_its_user_gave():
 
 
 def test_auto_needs_a_budget_or_epochs():
-    from fmnist.recipes import TrainConfig, validate
+    from fmnist.fit.recipes import TrainConfig, validate
 
     with pytest.raises(ValueError, match="time budget"):
         validate(TrainConfig(model="auto", time_budget=0))
@@ -95,7 +95,7 @@ def test_a_budgeted_preset_probes_trains_the_row_and_ends_within_its_budget(tmp_
     wall = time.monotonic() - t0
     log = (tmp_path / "run" / "train.log").read_text()
     assert "recipe: row '" in log and "probe" in log
-    from fmnist.recipes import read_config
+    from fmnist.fit.recipes import read_config
 
     saved = read_config(tmp_path / "run" / "config.json")
     assert saved.model in {row["model"] for _, row in EPOCH_TABLE} and saved.time_budget == budget
@@ -110,7 +110,7 @@ def test_a_budgeted_preset_probes_trains_the_row_and_ends_within_its_budget(tmp_
 def test_augmentation_generator_is_the_training_generator_on_the_cpu():
     """On an accelerator augmentation draws its random numbers there (a host generator would copy and sync every
     step); on the CPU it uses the one generator of shuffling, so CPU runs repeat as before."""
-    from fmnist.train import build
+    from fmnist.fit.train import build
 
     st = build(resolve_config("seed-a", epochs=1), torch.device("cpu"))
     assert st.aug_gen is None and st.gen.device.type == "cpu"
@@ -119,7 +119,7 @@ def test_augmentation_generator_is_the_training_generator_on_the_cpu():
 def test_the_budget_keeps_more_in_hand_after_bf16_training():
     """The trust fit runs the served fp32 model: after a run validated in bf16 its passes cost about twice as
     much, and the budget's reserve says so (a budget that kept too little ended 12 s late on resnet9-m)."""
-    from fmnist.trust.fit import COST_FIXED_SECONDS, cost_seconds
+    from fmnist.fit.trust.fit import COST_FIXED_SECONDS, cost_seconds
 
     assert cost_seconds(0.0, "bf16") == cost_seconds(0.0) == COST_FIXED_SECONDS
     assert cost_seconds(6.0, "bf16") > cost_seconds(6.0, "fp32") > COST_FIXED_SECONDS

@@ -14,12 +14,12 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from fmnist import cli  # noqa: E402
-from fmnist.checkpoint import CheckpointError, read_json, write_json  # noqa: E402
-from fmnist.report import FIGURES, build_report, calibration_bins, predict_test  # noqa: E402
-from fmnist.report.compare import format_compare, run_row  # noqa: E402
-from fmnist.report.figures import overfit_start  # noqa: E402
-from fmnist.run import Run  # noqa: E402
+from fmnist.apps import cli# noqa: E402
+from fmnist.fit.checkpoint import CheckpointError, read_json, write_json  # noqa: E402
+from fmnist.apps.report import FIGURES, build_report, calibration_bins, predict_test  # noqa: E402
+from fmnist.apps.report.compare import format_compare, run_row  # noqa: E402
+from fmnist.apps.report.figures import overfit_start  # noqa: E402
+from fmnist.core.run import Run  # noqa: E402
 
 
 @pytest.fixture()
@@ -89,7 +89,7 @@ def test_overfit_region_starts_at_the_validation_loss_minimum_only_when_loss_tur
 
 def test_figures_of_a_perfect_model_say_so_instead_of_failing():
     from fmnist import CLASS_NAMES
-    from fmnist.report.figures import confused_pairs, misclassified
+    from fmnist.apps.report.figures import confused_pairs, misclassified
 
     images = np.random.default_rng(0).integers(0, 255, (20, 28, 28), dtype=np.uint8)
     labels = np.arange(20) % 10
@@ -146,8 +146,8 @@ def test_report_has_a_model_card_and_says_when_uncalibrated(report, trained_run)
 
 
 def test_report_shows_coverage_and_set_sizes_of_the_candidate_sets(report, noisy_data):
-    from fmnist.forward import probabilities
-    from fmnist.trust import conformal
+    from fmnist.core.forward import probabilities
+    from fmnist.core import conformal
 
     run = Run.load(report.parent.parent)
     assert run.conformal is not None  # training fits the sets
@@ -171,7 +171,7 @@ def test_report_shows_coverage_and_set_sizes_of_the_candidate_sets(report, noisy
 
 def test_uncertain_gallery_shows_true_label_and_candidates_coloured_by_coverage():
     from fmnist import CLASS_NAMES
-    from fmnist.report.figures import BAD, GOOD, uncertain
+    from fmnist.apps.report.figures import BAD, GOOD, uncertain
 
     images = np.random.default_rng(0).integers(0, 255, (4, 28, 28), dtype=np.uint8)
     labels = np.array([6, 0, 4, 9])
@@ -233,7 +233,7 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, synthetic_data, mon
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_report_command_on_the_official_data(run_copy, monkeypatch, capsys):
-    from fmnist.data import DataError, find_data_dir
+    from fmnist.fit.data import DataError, find_data_dir
 
     try:
         find_data_dir(download=False)

@@ -20,11 +20,11 @@ import torch
 from conftest import make_synthetic
 from PIL import Image
 
-from fmnist.checkpoint import CheckpointError, load_state, load_tensors, save_state, save_tensors
-from fmnist.cli import main
-from fmnist.data import load_fashion_mnist
-from fmnist.run import RUN_MARKERS, Run
-from fmnist.train import resolve_config, train
+from fmnist.fit.checkpoint import CheckpointError, load_state, load_tensors, save_state, save_tensors
+from fmnist.apps.cli import main
+from fmnist.fit.data import load_fashion_mnist
+from fmnist.core.run import RUN_MARKERS, Run
+from fmnist.fit.train import resolve_config, train
 
 V1 = Path(__file__).parent / "fixtures" / "run-v1"  # a small finished run ("tiny" model)
 SRC = Path(__file__).parents[1] / "src"
@@ -150,8 +150,8 @@ def poison(run: Path) -> None:
 
 
 def test_nan_weights_are_refused_before_they_answer(v1, tmp_path, capsys, synthetic_data):
-    from fmnist.evaluate import evaluate_run
-    from fmnist.predict import Predictor
+    from fmnist.fit.evaluate import evaluate_run
+    from fmnist.core.predict import Predictor
 
     poison(v1)
     run = Run.load(v1)
@@ -169,8 +169,8 @@ def test_nan_weights_are_refused_before_they_answer(v1, tmp_path, capsys, synthe
 
 def test_non_finite_logits_on_the_test_set_are_an_error_not_a_figure(v1, synthetic_data):
     """What `fmnist report` and `evaluate` compute from (run_logits), even with a backend built around the probe."""
-    from fmnist.evaluate import run_logits
-    from fmnist.forward import TorchBackend
+    from fmnist.fit.evaluate import run_logits
+    from fmnist.core.forward import TorchBackend
 
     poison(v1)
     run = Run.load(v1, detector=False)
@@ -183,7 +183,7 @@ def test_an_onnx_model_with_nan_weights_is_refused(v1):
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper
 
-    from fmnist.export import export_onnx
+    from fmnist.fit.export import export_onnx
 
     export_onnx(v1)
     model = onnx.load(str(v1 / "model.onnx"))
@@ -210,14 +210,14 @@ def test_predict_threshold_outside_0_to_1_is_refused(v1, tmp_path, capsys, value
 @pytest.mark.parametrize("kwargs", [dict(ood_threshold=float("nan")), dict(ood_threshold=float("inf")),
                                     dict(ood_threshold=-float("inf")), dict(confidence_threshold=float("nan"))])
 def test_predictor_thresholds_that_would_turn_a_gate_off_are_refused(v1, kwargs):
-    from fmnist.predict import Predictor
+    from fmnist.core.predict import Predictor
 
     with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a finite number"):
         Predictor(Run.load(v1), **kwargs)
 
 
 def test_predict_prints_strict_json_even_for_non_finite_numbers(v1, tmp_path, capsys, monkeypatch):
-    from fmnist.predict import Predictor
+    from fmnist.core.predict import Predictor
 
     real = Predictor.predict_prepared
 
@@ -234,18 +234,18 @@ def test_predict_prints_strict_json_even_for_non_finite_numbers(v1, tmp_path, ca
 
 
 def test_predict_goes_on_past_memory_errors_directories_and_fifos(v1, tmp_path, capsys, monkeypatch):
-    import fmnist.predict
+    import fmnist.core.predict
 
     good = png(tmp_path / "good.png")
     huge = png(tmp_path / "huge.png", seed=1)
-    real = fmnist.predict.decode_image
+    real = fmnist.core.predict.decode_image
 
     def decode(data, *args, **kwargs):
         if str(data) == huge:
             raise MemoryError  # what decoding an image too large for the machine raises
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(fmnist.predict, "decode_image", decode)
+    monkeypatch.setattr(fmnist.core.predict, "decode_image", decode)
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)  # opening it would block forever
     (tmp_path / "folder.png").mkdir()
@@ -259,12 +259,12 @@ def test_predict_goes_on_past_memory_errors_directories_and_fifos(v1, tmp_path, 
 
 
 def test_a_genuine_bug_in_predict_is_not_hidden(v1, tmp_path, monkeypatch):
-    import fmnist.predict
+    import fmnist.core.predict
 
     def broken(data, *args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(fmnist.predict, "decode_image", broken)
+    monkeypatch.setattr(fmnist.core.predict, "decode_image", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["predict", str(v1), png(tmp_path / "a.png")])
 
@@ -352,7 +352,7 @@ def test_a_damaged_model_json_is_one_line_from_the_cli(v1, tmp_path, capsys, idx
 def test_a_failed_write_is_one_error_and_the_previous_file_stays(tmp_path, monkeypatch):
     import errno
 
-    import fmnist.checkpoint
+    import fmnist.fit.checkpoint
 
     path = tmp_path / "model.safetensors"
     save_tensors(path, {"w": torch.ones(3)})
@@ -362,7 +362,7 @@ def test_a_failed_write_is_one_error_and_the_previous_file_stays(tmp_path, monke
         Path(tmp).write_bytes(b"half a fi")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(fmnist.checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(fmnist.fit.checkpoint, "save_file", full_disk)
     with pytest.raises(CheckpointError, match="No space left on device") as e:
         save_tensors(path, {"w": torch.zeros(3)})
     assert str(path) in str(e.value) and "previous model.safetensors is unchanged" in str(e.value)
@@ -408,8 +408,8 @@ def test_explicit_epochs_replace_the_presets_time_budget(tmp_path, idx_dir, caps
 def test_epochs_with_a_time_budget_say_the_budget_wins(capsys):
     from argparse import Namespace
 
-    from fmnist.cli.train import _overrides
-    from fmnist.recipes import TrainConfig
+    from fmnist.apps.cli.train import _overrides
+    from fmnist.fit.recipes import TrainConfig
 
     base = {f: None for f in TrainConfig.__dataclass_fields__}
     assert _overrides(Namespace(**{**base, "epochs": 3}))["time_budget"] == 0

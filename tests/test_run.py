@@ -10,8 +10,8 @@ import pytest
 from conftest import make_synthetic
 
 import fmnist
-from fmnist.checkpoint import CheckpointError, read_json, write_json
-from fmnist.run import SCHEMA_VERSION, Run
+from fmnist.fit.checkpoint import CheckpointError, read_json, write_json
+from fmnist.core.run import SCHEMA_VERSION, Run
 
 V1 = Path(__file__).parent / "fixtures" / "run-v1"  # written by fmnist before schema_version existed
 
@@ -129,7 +129,7 @@ def test_a_detector_file_from_another_fit_is_refused(tmp_path):
     """model.json records the SHA-256 of the statistics it was fitted with (runs fitted before this have none)."""
     from conftest import make_synthetic
 
-    from fmnist.trust.fit import fit_trust
+    from fmnist.fit.trust.fit import fit_trust
 
     run = Path(shutil.copytree(V1, tmp_path / "run"))
     fit_trust(run, make_synthetic(), parts=["energy", "stats"])

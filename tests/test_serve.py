@@ -23,7 +23,7 @@ with warnings.catch_warnings():  # Starlette suggests httpx2 over httpx; both wo
     from fastapi.testclient import TestClient
 
 from fmnist import CLASS_NAMES
-from fmnist.serve.app import create_app
+from fmnist.apps.serve.app import create_app
 
 MAX_BODY = 300_000
 OFFICIAL = Path("/usr/share/datasets/fashion-mnist")
@@ -237,7 +237,7 @@ def test_mostly_black_garment_is_not_blank(client):
 @pytest.mark.realdata
 @pytest.mark.skipif(not (OFFICIAL / "t10k-images-idx3-ubyte.gz").exists(), reason="official data missing")
 def test_real_sandals_sneakers_trousers_are_not_blank(client):
-    from fmnist.data import read_idx
+    from fmnist.fit.data import read_idx
 
     images = np.asarray(read_idx(OFFICIAL / "t10k-images-idx3-ubyte.gz"))
     labels = np.asarray(read_idx(OFFICIAL / "t10k-labels-idx1-ubyte.gz"))
@@ -390,7 +390,7 @@ def test_batch_size_is_limited(trained_run, garment_png):
 # --- concurrency limit, pass-through of new result keys -------------------------------------------------------
 
 def test_saturated_server_answers_503_with_retry_after(trained_run, garment_png, monkeypatch):
-    from fmnist.serve import inference
+    from fmnist.apps.serve import inference
 
     entered, release = threading.Event(), threading.Event()
     real = inference.prepare_upload
@@ -440,8 +440,8 @@ def test_concurrent_requests_share_model_calls(trained_run, synthetic_data, monk
     import asyncio
 
     import fmnist
-    from fmnist.serve import inference
-    from fmnist.serve.batching import Batcher
+    from fmnist.apps.serve import inference
+    from fmnist.apps.serve.batching import Batcher
 
     predictor = fmnist.load(trained_run)
     calls = []
@@ -472,7 +472,7 @@ def _run_batcher(predictor, requests, max_images=64):
     """Submit each request (a list of (name, bytes)) at once to one Batcher; their results or errors."""
     import asyncio
 
-    from fmnist.serve.batching import Batcher
+    from fmnist.apps.serve.batching import Batcher
 
     async def go():
         batcher = Batcher(predictor, max_pixels=10**7, workers=1, max_images=max_images)
@@ -483,8 +483,8 @@ def _run_batcher(predictor, requests, max_images=64):
 
 def test_an_image_that_cannot_be_prepared_fails_only_its_request(trained_run, garment_png, monkeypatch):
     import fmnist
-    from fmnist.images import ImageError
-    from fmnist.serve.inference import UploadError
+    from fmnist.core.images import ImageError
+    from fmnist.apps.serve.inference import UploadError
 
     predictor = fmnist.load(trained_run)
     real = predictor.to_image28
@@ -510,7 +510,7 @@ def test_server_computes_on_one_thread():
     import torch
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from fmnist.serve.inference import single_threaded_compute
+    from fmnist.apps.serve.inference import single_threaded_compute
 
     before = torch.get_num_threads()
     with threadpool_limits(None):  # puts the BLAS limits back on exit
@@ -524,7 +524,7 @@ def test_server_computes_on_one_thread():
 
 
 def test_png_encoder_round_trips():
-    from fmnist.serve.inference import png_base64
+    from fmnist.apps.serve.inference import png_base64
 
     img = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
     back = Image.open(io.BytesIO(base64.b64decode(png_base64(img))))
@@ -554,7 +554,7 @@ def _run_asgi(app, scope_headers, chunks):
 
 
 def test_body_limit_refuses_while_streaming():
-    from fmnist.serve.limits import BodySizeLimit
+    from fmnist.apps.serve.limits import BodySizeLimit
 
     async def reads_everything(scope, receive, send):
         while (await receive()).get("more_body"):
@@ -593,7 +593,7 @@ def _raw_request(url: str, head: bytes, body_chunks=(), timeout=10.0) -> tuple[b
 
 
 def test_real_server_refuses_big_bodies_before_reading_them(trained_run):
-    from fmnist.serve.background import serve_in_thread
+    from fmnist.apps.serve.background import serve_in_thread
 
     with serve_in_thread(create_app(trained_run, max_body=MAX_BODY)) as url:
         # Declares 50 MB and sends none of it: the answer comes at once, the connection is closed.
@@ -649,8 +649,8 @@ def test_openapi_documents_the_api(client):
 def _serve_parser():
     import argparse
 
-    from fmnist.cli import Formatter
-    from fmnist.serve.cli import register
+    from fmnist.apps.cli import Formatter
+    from fmnist.apps.serve.cli import register
 
     parser = argparse.ArgumentParser(prog="fmnist")
     register(parser.add_subparsers(dest="command"), Formatter)
@@ -674,7 +674,7 @@ def test_cli_flags_and_defaults(capsys):
 
 
 def test_cli_refuses_bad_settings_and_missing_runs(tmp_path):
-    from fmnist.checkpoint import CheckpointError
+    from fmnist.fit.checkpoint import CheckpointError
 
     parser = _serve_parser()
     args = parser.parse_args(["serve", str(tmp_path), "--threshold", "1.5"])

@@ -43,9 +43,9 @@ from selenium.webdriver.common.actions.pointer_input import PointerInput
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from fmnist.serve.app import create_app
-from fmnist.serve.background import serve_in_thread
-from fmnist.serve.texts import CLASS_DESCRIPTIONS
+from fmnist.apps.serve.app import create_app
+from fmnist.apps.serve.background import serve_in_thread
+from fmnist.apps.serve.texts import CLASS_DESCRIPTIONS
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def hedged_run(trained_run, tmp_path_factory) -> Path:
     round to exactly 1.0 (its temperature is small), so this copy scores with its raw softmax (temperature 1)."""
     if os.environ.get("FMNIST_SERVE_RUN"):
         return Path(os.environ["FMNIST_SERVE_RUN"])
-    from fmnist.checkpoint import read_json, write_json
+    from fmnist.fit.checkpoint import read_json, write_json
 
     run = Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("hedged") / "run"))
     meta = read_json(run / "model.json")
@@ -98,7 +98,7 @@ def browser(tmp_path_factory):
 def garment_png(synthetic_data) -> bytes:
     """A real Fashion-MNIST ankle boot when the official data is here, else a synthetic image."""
     if (OFFICIAL / "t10k-images-idx3-ubyte.gz").exists():
-        from fmnist.data import read_idx
+        from fmnist.fit.data import read_idx
 
         img = np.asarray(read_idx(OFFICIAL / "t10k-images-idx3-ubyte.gz")[0])  # test image 0: an ankle boot
     else:
@@ -114,7 +114,7 @@ def hedged_png(hedged_run, synthetic_data) -> bytes:
 
     images = list(synthetic_data.test_images[:100].numpy())
     if (OFFICIAL / "t10k-images-idx3-ubyte.gz").exists():
-        from fmnist.data import read_idx
+        from fmnist.fit.data import read_idx
 
         images = list(np.asarray(read_idx(OFFICIAL / "t10k-images-idx3-ubyte.gz")[:100])) + images
     predictor = fmnist.load(hedged_run, confidence_threshold=1.0)

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from conftest import make_synthetic
 
-from fmnist.checkpoint import load_state, load_tensors
-from fmnist.data import split_indices
-from fmnist.forward import TorchBackend, forward
-from fmnist.models import create_model, model_names
-from fmnist.preprocess import preprocess
-from fmnist.run import Run
-from fmnist.train import EMA, PRESETS, TrainConfig, lr_at, resolve_config, train
+from fmnist.fit.checkpoint import load_state, load_tensors
+from fmnist.fit.data import split_indices
+from fmnist.core.forward import TorchBackend, forward
+from fmnist.fit.models import create_model, model_names
+from fmnist.core.preprocess import preprocess
+from fmnist.core.run import Run
+from fmnist.fit.train import EMA, PRESETS, TrainConfig, lr_at, resolve_config, train
 
 
 def load_model(path):
@@ -334,8 +334,8 @@ def test_seed_a_preset_is_seed_as_recipe():
 
 @pytest.mark.parametrize("preset", ["fast", "default", "best", "tiny", "seed-a", "seed-b-mlp", "seed-b-cnn"])
 def test_presets_resolve_to_known_models(preset):
-    from fmnist.models import count_parameters, create_model
-    from fmnist.recipes import AUTO_MODELS
+    from fmnist.fit.models import count_parameters, create_model
+    from fmnist.fit.recipes import AUTO_MODELS
 
     cfg = resolve_config(preset)
     if preset in ("fast", "default", "best", "tiny"):
@@ -350,7 +350,7 @@ def test_presets_resolve_to_known_models(preset):
 
 
 def test_a_diverging_recipe_stops_with_one_clear_error(tmp_path, small_data):
-    from fmnist.train import TrainingDiverged
+    from fmnist.fit.train import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="training diverged at epoch 1.*lower --lr"):
         train(config(lr=1e12, epochs=2), out=tmp_path / "run", data=small_data, quiet=True)

@@ -17,8 +17,8 @@ CLASS_NAMES = (
 
 
 def load(run_dir, **kwargs):
-    """Load a trained run folder and return a :class:`fmnist.predict.Predictor`."""
-    from fmnist.predict import Predictor
+    """Load a trained run folder and return a :class:`fmnist.core.predict.Predictor`."""
+    from fmnist.core.predict import Predictor
 
     return Predictor.from_run(run_dir, **kwargs)
 

@@ -1,6 +1,6 @@
 """``python -m fmnist``: the command line, so that ``torchrun -m fmnist train ...`` runs it in each process."""
 import sys
 
-from fmnist.cli import main
+from fmnist.apps.cli import main
 
 sys.exit(main())

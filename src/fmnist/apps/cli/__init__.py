@@ -1,0 +1,69 @@
+"""The ``fmnist`` command line: one subcommand per stage, kebab-case flags whose help states the default.
+
+Commands live in this package by job (train, evaluate/predict, trust, report/compare) and in
+:mod:`fmnist.apps.tune`, :mod:`fmnist.fit.export` and :mod:`fmnist.apps.serve.cli`; :data:`COMMANDS` registers them explicitly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fmnist.apps import tune
+from fmnist.fit import export
+from fmnist.apps.cli import evaluate, report, train, trust
+from fmnist.apps.serve import cli as serve
+
+# Every subcommand, in the order `fmnist --help` lists them; each module adds its parsers with
+# set_defaults(func=...) and keeps its heavy imports inside those functions.
+COMMANDS = (train.register, evaluate.register, trust.register, report.register, tune.register, export.register,
+            serve.register)
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends '(default: X)' to each flag's help, unless the help already states its default."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fmnist", formatter_class=Formatter,
+                                     description="Train, evaluate, explain and serve Fashion-MNIST classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in COMMANDS:
+        register(sub, Formatter)
+    return parser
+
+
+def main(argv=None) -> int:
+    from fmnist.fit.data import DataError
+    from fmnist.core.runfolder import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "torch":
+            raise
+        print(f"fmnist {args.command}: error: this command needs PyTorch, which is not installed here "
+              "(pip install torch==2.13.0; a deployment without it can run `predict` and `serve` on an exported "
+              "run with --backend onnx)", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # the machine's doing (disk full, permission denied), not a bug: one line, no traceback
+        print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted" + ("; continue with --resume RUN" if args.command == "train" else ""),
+              file=sys.stderr)
+        return 130
+

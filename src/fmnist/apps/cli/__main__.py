@@ -1,0 +1,5 @@
+import sys
+
+from fmnist.apps.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""The server's settings: every default and every check, in one place for ``fmnist serve`` and ``create_app``.
+
+Each field is the Python name of a command-line flag (``max_concurrency`` is ``--max-concurrency``), except
+``max_body`` (bytes), which the command line takes in MB (``--max-body-mb``). A bad value raises
+``ValueError`` naming the flag, before anything starts.
+"""
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from fmnist.core.images import MAX_PIXELS
+
+#: Host names every server answers to (a server bound to another address answers to that one too).
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+@dataclass(frozen=True)
+class Settings:
+    run_dir: Path | None = None
+    max_body: int = 8_000_000  # bytes per request body
+    max_pixels: int = MAX_PIXELS  # width*height per image, checked before decoding
+    max_concurrency: int = 32  # predict requests with their body received, in flight before 503
+    max_uploads: int = 64  # predict requests receiving their body at once, before 503
+    max_connections: int = 256  # open connections; more are answered 503 and closed
+    threshold: float | None = None  # confidence under which answers are refused (None: the run's own)
+    ood_threshold: float | None = None  # OOD score above which images are refused (None: the run's own)
+    threads: int = 1  # inference worker threads
+    max_batch: int = 32  # images per /api/predict/batch request
+    header_timeout: float = 10.0  # seconds to receive a request's headers (from connecting, or its first byte)
+    body_timeout: float = 30.0  # seconds to receive a request's body once its headers are in
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_header_bytes: int = 16_384  # request line and headers
+    max_headers: int = 100  # header fields per request
+    allowed_hosts: tuple[str, ...] = LOCAL_HOSTS  # Host header values answered ("*": any)
+    docs: bool = False  # serve Swagger UI at /docs
+    backend: str = "auto"  # inference engine: torch, onnx or auto (fmnist.core.backends)
+
+    def __post_init__(self):
+        for name in ("max_body", "max_pixels", "max_concurrency", "max_uploads", "max_connections", "threads",
+                     "max_batch", "max_header_bytes", "max_headers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{_flag(name)} must be a whole number >= 1, got {value!r}")
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+            _check_positive(getattr(self, name), _flag(name))
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:  # NaN fails this too
+            raise ValueError(f"--threshold must be between 0 and 1, got {self.threshold}")
+        if self.ood_threshold is not None and not math.isfinite(self.ood_threshold):
+            raise ValueError(f"--ood-threshold must be a finite number, got {self.ood_threshold}")
+        from fmnist.core.backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        hosts = tuple(normalize_host(h) for h in self.allowed_hosts)
+        if not hosts or not all(hosts):
+            raise ValueError(f"--allowed-hosts needs at least one host name, got {self.allowed_hosts!r}")
+        object.__setattr__(self, "allowed_hosts", hosts)
+        if self.run_dir is not None:
+            object.__setattr__(self, "run_dir", Path(self.run_dir))
+
+
+def _flag(name: str) -> str:
+    return "--max-body-mb (max_body)" if name == "max_body" else "--" + name.replace("_", "-")
+
+
+def _check_positive(value, flag: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{flag} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def body_bytes(mb: float) -> int:
+    """``--max-body-mb`` (MB, 10^6 bytes) -> bytes; inf, NaN and values <= 0 are refused."""
+    return max(1, int(_check_positive(mb, "--max-body-mb") * 1_000_000))
+
+
+def normalize_host(host: str) -> str:
+    """Lower case, no brackets around IPv6 addresses, no trailing dot: how Host values are compared."""
+    host = str(host).strip().lower().rstrip(".")
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_of(header: str) -> str:
+    """The host part of a Host header value (``name``, ``name:port``, ``[v6]:port``), normalized."""
+    header = header.strip()
+    if header.startswith("["):
+        return normalize_host(header[:header.find("]") + 1])
+    if header.count(":") == 1:
+        header = header.split(":", 1)[0]
+    return normalize_host(header)
+
+
+def default_allowed_hosts(bind_host: str) -> tuple[str, ...]:
+    """What a server bound to ``bind_host`` answers to by default: that address and the local names.
+
+    A server bound to every interface (0.0.0.0, ::) cannot know the names its users type; it adds the
+    machine's host names, and others are given with ``--allowed-hosts``.
+    """
+    import socket
+
+    extra = [bind_host]
+    if normalize_host(bind_host) in _WILDCARDS:
+        extra = [socket.gethostname(), socket.getfqdn()]
+    hosts = []
+    for h in (*extra, *LOCAL_HOSTS):
+        h = normalize_host(h)
+        if h and h not in _WILDCARDS and h not in hosts:
+            hosts.append(h)
+    return tuple(hosts)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(normalize_host(host)).is_loopback
+    except ValueError:
+        return normalize_host(host) == "localhost"
+
+
+#: The defaults, for the command line's help.
+DEFAULTS = Settings()
+FIELDS = tuple(f.name for f in fields(Settings) if f.name != "run_dir")

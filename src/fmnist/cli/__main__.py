@@ -1,5 +1,0 @@
-import sys
-
-from fmnist.cli import main
-
-sys.exit(main())

@@ -1,0 +1,167 @@
+"""Inference backends: one forward pass of a run's model, giving (features, logits) as NumPy arrays.
+
+``OnnxBackend`` runs ``RUN/model.onnx`` (or ``model.int8.onnx``, see :mod:`fmnist.fit.export`) with ONNX Runtime
+and needs neither PyTorch nor ``onnx``: this module and everything it imports stay free of ``torch``, so a
+deployment can drop the 1 GB dependency. Its PyTorch twin is :class:`fmnist.core.forward.TorchBackend`; both are
+built by :meth:`fmnist.core.run.Run.backend`. Test-time augmentation is the caller's job: ``run`` is one pass.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.core.runfolder import CheckpointError, sha256
+
+FP32, INT8 = "model.onnx", "model.int8.onnx"  # the files `fmnist export` writes in a run folder
+INPUT = "image"
+OUTPUTS = ("features", "logits")
+INSTALL_HINT = "pip install onnxruntime (or: pip install 'fmnist[serve]')"
+
+
+BACKENDS = ("torch", "onnx", "onnx-int8", "auto")
+
+
+def add_backend_flag(p) -> None:
+    """The ``--backend`` flag of predict, evaluate and serve."""
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="inference engine: torch (PyTorch), onnx (ONNX Runtime on RUN/model.onnx, written by "
+                        "`fmnist export`), onnx-int8 (RUN/model.int8.onnx, `fmnist export --int8`), auto (onnx "
+                        "where exported and installed, else torch) (default: auto)")
+
+
+class MissingDependency(CheckpointError):
+    """An optional package the requested backend or command needs is not installed."""
+
+
+def importable(module: str) -> bool:
+    """Whether ``import module`` works (not merely whether it is on disk: a broken install, or one blocked by
+    setting ``sys.modules[module] = None``, counts as missing)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def onnxruntime_available() -> bool:
+    return importable("onnxruntime")
+
+
+class OnnxBackend:
+    """ONNX Runtime on the CPU, with its thread settings chosen for small models.
+
+    ``threads``: intra-op threads (0 = ONNX Runtime's default, one per physical core). One thread suits a
+    28x28 image; batches gain from more. ``spinning``: whether idle pool threads busy-wait for work. Spinning
+    shaves microseconds off back-to-back calls but burns a core between requests, which a server sharing
+    its cores with the event loop cannot afford, so it is off unless asked for.
+    """
+
+    name = "onnx"
+
+    def __init__(self, path, threads: int = 1, spinning: bool = False, meta: dict | None = None):
+        self.path = Path(path)
+        self.name = "onnx-int8" if self.path.name == INT8 else "onnx"
+        if not onnxruntime_available():
+            raise MissingDependency(f"{self.path}: the onnx backend needs ONNX Runtime: {INSTALL_HINT}")
+        if meta is None:  # the run folder's model.json, read and checked by the one loader
+            from fmnist.core.run import Run
+
+            meta = Run.load(self.path.parent, detector=False).meta
+        model_bytes = _read_checked(self.path, meta)
+        self.session = _session(model_bytes, self.path, threads, spinning)
+        self.feature_dim, self.num_classes = _check_signature(self.session, self.path, meta)
+        self.size = int(meta.get("preprocessing", {}).get("size", 28))
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x: float32 (N, 1, 28, 28), already normalised -> (features (N, D), logits (N, C)), float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (1, self.size, self.size):
+            raise ValueError(f"expected images of shape (N, 1, {self.size}, {self.size}), got {x.shape}")
+        features, logits = self.session.run(list(OUTPUTS), {INPUT: x})
+        return features, logits
+
+
+def onnx_record(meta: dict, filename: str) -> dict | None:
+    """What ``fmnist export`` recorded in model.json about one of its files (None if it recorded nothing)."""
+    return (meta.get("onnx") or {}).get("files", {}).get(filename)
+
+
+def _read_checked(path: Path, meta: dict) -> bytes:
+    """The file's bytes, refused if they differ from what the export recorded or the weights changed since.
+
+    A file with no record (exported by other means) is accepted here; its signature is still checked.
+    """
+    run = path.parent
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found: export the run first (fmnist export {run})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    record = onnx_record(meta, path.name)
+    if record is None:
+        return data
+    if sha256(data) != record.get("sha256"):
+        raise CheckpointError(f"{path} has changed since it was exported (its SHA-256 is not the one "
+                              f"{run / 'model.json'} records): export the run again (fmnist export {run})")
+    weights = run / "model.safetensors"
+    recorded_weights = meta["onnx"].get("weights_sha256")
+    if recorded_weights and weights.is_file() and sha256(weights.read_bytes()) != recorded_weights:
+        raise CheckpointError(f"{path} was exported from other weights than {weights} holds now: export the run "
+                              f"again (fmnist export {run})")
+    return data
+
+
+def _session(model_bytes: bytes, path: Path, threads: int, spinning: bool):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+    # One operator at a time: a chain of small convolutions has no parallel branches worth a second pool.
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # Denormals as zero, as fmnist.fit.runtime.setup has PyTorch do: tiny activations then cost no slow path.
+    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    opts.log_severity_level = 3  # errors only: its warnings about unused initializers etc. are noise here
+    try:
+        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors share no base class but Exception
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"ONNX Runtime cannot load {path} (damaged, truncated, or newer than ONNX Runtime "
+                              f"{ort.__version__}?): {reason}") from None
+
+
+def _check_signature(session, path: Path, meta: dict) -> tuple[int, int]:
+    """Check the graph's inputs and outputs against the run; return (feature dim, classes)."""
+    size = int(meta.get("preprocessing", {}).get("size", 28))
+    classes = len(meta.get("class_names", []))
+    recorded = (meta.get("onnx") or {}).get("feature_dim")
+    problems = []
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != [INPUT]:
+        problems.append(f"inputs {[i.name for i in inputs]}, expected [{INPUT!r}]")
+    elif inputs[0].type != "tensor(float)" or list(inputs[0].shape[1:]) != [1, size, size] \
+            or len(inputs[0].shape) != 4 or isinstance(inputs[0].shape[0], int):
+        problems.append(f"input {INPUT!r} is {inputs[0].type} {inputs[0].shape}, expected float32 "
+                        f"['batch', 1, {size}, {size}] with a dynamic batch axis")
+    found = {o.name: o for o in outputs}
+    if sorted(found) != sorted(OUTPUTS):
+        problems.append(f"outputs {sorted(found)}, expected {list(OUTPUTS)}")
+    else:
+        f, g = found["features"], found["logits"]
+        for o in (f, g):
+            if o.type != "tensor(float)" or len(o.shape) != 2 or not isinstance(o.shape[1], int):
+                problems.append(f"output {o.name!r} is {o.type} {o.shape}, expected float32 (batch, fixed size)")
+        if len(g.shape) == 2 and g.shape[1] != classes:
+            problems.append(f"{g.shape[1]} logits per image, but the run has {classes} classes")
+        if len(f.shape) == 2 and recorded and f.shape[1] != recorded:
+            problems.append(f"{f.shape[1]} features per image, but the run's model has {recorded}")
+    if problems:
+        raise CheckpointError(f"{path} does not match the run in {path.parent}: " + "; ".join(problems))
+    return int(found["features"].shape[1]), classes

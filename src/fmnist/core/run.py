@@ -1,0 +1,292 @@
+"""A run folder, loaded and checked once: :class:`Run` is what every command and the server work from.
+
+A run folder holds ``model.safetensors`` (weights), ``model.json`` (what the weights are: architecture, class
+names, preprocessing, test-time augmentation, kept epoch, validation metrics, and after the trust fit the
+temperature and the OOD detector's settings), ``ood.safetensors`` (the detector's statistics),
+``config.json`` (the training recipe), ``history.csv``, ``env.json``, ``train_summary.json`` and, once
+evaluated, ``metrics.json``. This module is the only reader and writer of ``model.json``.
+
+``Run.load(path)`` validates the folder once and gives typed fields; a missing, truncated or tampered file
+gives one :class:`~fmnist.fit.checkpoint.CheckpointError` naming the file. Runs written before ``schema_version``
+existed (schema 1) load unchanged.
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fmnist.core.runfolder import (  # no torch: an ONNX-only deployment reads runs too
+    CheckpointError,
+    read_json,
+    write_json,
+)
+
+MODEL_FORMAT = "fmnist-model/1"
+SCHEMA_VERSION = 2  # 1: before this field existed (same layout); 2: adds schema_version itself
+MODEL_JSON, WEIGHTS = "model.json", "model.safetensors"
+# Files that show a folder holds a run: `fmnist train --out` refuses to mix a new run into it.
+RUN_MARKERS = (MODEL_JSON, WEIGHTS, "config.json", "last.pt", "history.csv", "train.log")
+# Every file fmnist writes in a run folder (train, calibrate, evaluate, export, ood-eval, tune), model.json
+# first: what `train --overwrite` removes, in this order, so a half-removed run never loads. Other files stay.
+RUN_FILES = RUN_MARKERS + ("ood.safetensors", "env.json", "train_summary.json", "metrics.json", "model.onnx",
+                           "model.int8.onnx", "export.json", "ood_eval.json", "tune_trial.json")
+REPORT_DIR = "report"  # `fmnist report`'s default output folder
+
+
+def _finite(value, what: str, path: Path, low: float = -math.inf, high: float = math.inf,
+            open_low: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        raise CheckpointError(f"{path}: {what} must be a finite number"
+                              + (f" in ({low}, {high}]" if open_low else f" in [{low}, {high}]"
+                                 if math.isfinite(low) or math.isfinite(high) else "") + f", got {value!r}")
+    return float(value)
+
+
+class Run:
+    """A trained run folder. Fields are plain values; the weights load on demand (:meth:`model`)."""
+
+    def __init__(self, path: Path, meta: dict, config: dict):
+        self.path, self.config = path, config
+        self._read(meta)
+        self.detector = None
+
+    def _read(self, meta: dict) -> None:
+        """The fields, from model.json's content, checked (at load, and again after :meth:`update`)."""
+        where = self.path / MODEL_JSON
+        _check_meta(meta, where)
+        self.meta = meta
+        self.schema_version = int(meta.get("schema_version", 1))
+        self.model_name: str = meta["model"]
+        self.class_names: list[str] = list(meta["class_names"])
+        self.spec: dict = meta["preprocessing"]
+        self.tta: bool = bool(meta.get("tta", False))
+        calibration = meta.get("calibration") or {}
+        self.calibration: dict | None = calibration or None
+        self.temperature = _finite(calibration.get("temperature", 1.0), "calibration.temperature", where, 0,
+                                   open_low=True)
+        thresholds = meta.get("thresholds") or {}
+        self.confidence_threshold = _finite(thresholds.get("confidence", DEFAULT_CONFIDENCE),
+                                            "thresholds.confidence", where, 0.0, 1.0)
+        self.metrics: dict = meta.get("metrics") or {}
+        self.recipe: dict = meta.get("recipe") or {}
+        self.best_epoch = meta.get("best_epoch")
+        self.select: str = meta.get("select", "")
+        self.parameters = meta.get("parameters")
+        self.conformal: dict | None = None  # candidate-set parameters (fmnist.core.conformal), if fitted
+        if meta.get("conformal"):
+            from fmnist.core.conformal import validate_params
+
+            try:
+                self.conformal = validate_params(meta["conformal"])
+                if self.conformal["classes"] != len(self.class_names):
+                    raise ValueError(f"conformal parameters are for {self.conformal['classes']} classes, the "
+                                     f"model has {len(self.class_names)}")
+            except ValueError as e:
+                raise CheckpointError(f"{where}: {e}") from None
+
+    # --- loading -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path, detector: bool = True) -> Run:
+        """Read and check ``path``; ``detector=False`` skips loading the OOD detector (the trust fit refits it)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a folder ({'not found' if not path.exists() else 'a file'}): "
+                                  "give a run folder written by `fmnist train`")
+        where = path / MODEL_JSON
+        if not where.is_file():
+            raise CheckpointError(f"{path} is not a run folder: {MODEL_JSON} "
+                                  f"{'is not a regular file' if where.exists() else 'not found'}")
+        config_path = path / "config.json"
+        config = read_json(config_path) if config_path.is_file() else {}
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path} does not hold a JSON object")
+        run = cls(path, read_json(where), config)  # checks model.json
+        if not (path / WEIGHTS).is_file():
+            raise CheckpointError(f"{path / WEIGHTS} not found: is {path} a finished run?")
+        if detector:
+            from fmnist.core.ood import Detector
+
+            run.detector = Detector.load(path, run.meta)
+        return run
+
+    def model(self, device="cpu"):
+        """The PyTorch model with its weights, in eval mode, on ``device``."""
+        from fmnist.fit.checkpoint import load_tensors
+        from fmnist.fit.models import create_model
+
+        try:
+            model = create_model(self.model_name, num_classes=len(self.class_names))
+        except ValueError as e:
+            raise CheckpointError(f"{self.path / MODEL_JSON}: cannot build the model: {e}") from None
+        state = load_tensors(self.path / WEIGHTS)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.path / WEIGHTS} does not match {self.model_name}: {e}") from None
+        return model.to(device).eval()
+
+    def backend(self, kind: str = "torch", device="cpu", fold_bn: bool = False, threads: int = 1):
+        """The run's model as an inference backend (:mod:`fmnist.core.forward`): ``torch`` (PyTorch, BatchNorm
+        optionally folded), ``onnx`` (ONNX Runtime on ``RUN/model.onnx``, see ``fmnist export``; ``threads``
+        intra-op threads), ``onnx-int8`` (``RUN/model.int8.onnx``) or ``auto`` (ONNX Runtime where the run was exported and onnxruntime is installed)."""
+        from fmnist.core.backends import (
+            BACKENDS,
+            FP32,
+            INT8,
+            MissingDependency,
+            OnnxBackend,
+            importable,
+            onnxruntime_available,
+        )
+
+        if kind not in BACKENDS:
+            raise ValueError(f"unknown backend {kind!r}; choose one of: {', '.join(BACKENDS)}")
+        if kind == "auto":
+            kind = "onnx" if (self.path / FP32).is_file() and onnxruntime_available() else "torch"
+        if kind in ("onnx", "onnx-int8"):
+            path = self.path / (FP32 if kind == "onnx" else INT8)
+            return self._probed(OnnxBackend(path, threads=threads, meta=self.meta), path)
+        if not importable("torch"):
+            hint = ("use --backend onnx" if (self.path / FP32).is_file() else
+                    f"export the run where PyTorch is (fmnist export {self.path}) to serve it with ONNX Runtime")
+            raise MissingDependency(f"{self.path}: the torch backend needs PyTorch, which is not installed here: "
+                                    f"install torch, or {hint}")
+        from fmnist.core.forward import TorchBackend
+
+        return self._probed(TorchBackend(self.model(device), fold_bn=fold_bn), self.path / WEIGHTS)
+
+    def _probed(self, backend, weights: Path):
+        """``backend``, once it gives finite outputs for a few fixed images: NaN scores would pass every gate
+        (``score < threshold`` is false for NaN), so damaged or diverged weights are refused here, once."""
+        import numpy as np
+
+        from fmnist.core.preprocess import preprocess_array
+
+        features, logits = backend.run(preprocess_array(_probe_images(), self.spec))
+        if not (np.isfinite(features).all() and np.isfinite(logits).all()):
+            raise CheckpointError(f"{weights}: the model gives non-finite outputs (NaN or infinity) for plain "
+                                  "test images: its weights are damaged or its training diverged; train it again")
+        if self.detector is not None:  # a detector fitted on another model's features would fail on every request
+            self.detector.check_model(features.shape[1], logits.shape[1])
+        return backend
+
+    def split(self, labels):
+        """(train_idx, val_idx) of the training images, as the run was trained (``config.json``)."""
+        from fmnist.fit.data import split_indices
+
+        return split_indices(labels, self.config)
+
+    def read_optional(self, name: str) -> dict:
+        """A run's optional JSON file (metrics, summary, env) or {} when absent; a corrupt one still errors."""
+        path = self.path / name
+        return read_json(path) if path.is_file() else {}
+
+    # --- writing ---------------------------------------------------------------------------------------------
+
+    def update(self, **sections) -> None:
+        """Replace top-level sections of ``model.json`` (e.g. calibration, ood), re-read right before writing."""
+        meta = read_json(self.path / MODEL_JSON)
+        meta.update(sections)
+        meta["schema_version"] = SCHEMA_VERSION
+        self._read(meta)  # what is written is checked like what is loaded, and the fields follow it
+        write_json(self.path / MODEL_JSON, meta)
+
+
+def _check_meta(meta, where: Path) -> None:
+    """Structure and values of model.json, with one clear error naming the file."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} does not hold a JSON object")
+    if meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{where}: unsupported format {meta.get('format')!r}")
+    version = meta.get("schema_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+        raise CheckpointError(f"{where}: schema_version {version!r} is not one this fmnist reads "
+                              f"(1 to {SCHEMA_VERSION}); a newer fmnist wrote it?")
+    names = meta.get("class_names")
+    if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
+            or len(set(names)) != len(names)):
+        raise CheckpointError(f"{where}: class_names must be a list of distinct names, got {names!r}")
+    if not isinstance(meta.get("model"), str):
+        raise CheckpointError(f"{where}: model must name an architecture, got {meta.get('model')!r}")
+    spec = meta.get("preprocessing")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{where}: preprocessing is missing or not an object")
+    if spec.get("size") != 28:
+        raise CheckpointError(f"{where}: preprocessing.size must be 28 (the models take 28x28 images), "
+                              f"got {spec.get('size')!r}")
+    _finite(spec.get("mean"), "preprocessing.mean", where, 0.0, 1.0)
+    _finite(spec.get("std"), "preprocessing.std", where, 0.0, 1.0, open_low=True)
+    onnx = meta.get("onnx")
+    if onnx is not None and not (isinstance(onnx, dict) and isinstance(onnx.get("files", {}), dict)
+                                 and all(isinstance(f, dict) for f in onnx.get("files", {}).values())):
+        raise CheckpointError(f"{where}: onnx must be an object whose files are objects (written by fmnist export)")
+    for key in ("calibration", "ood", "conformal", "thresholds", "metrics", "recipe"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{where}: {key} must be an object")
+
+
+# Seed B's threshold. Scores are calibrated, so an answer under 0.60 is wrong about 40 % of the time or more:
+# the user is told the model is not sure. (The OOD detector, not this gate, tells garments from other images.)
+DEFAULT_CONFIDENCE = 0.60
+
+
+def save_model(run_dir, model, meta: dict) -> None:
+    """Write model.safetensors then model.json (the JSON names the architecture and preprocessing)."""
+    from fmnist.fit.checkpoint import save_tensors
+    from fmnist.fit.models import count_parameters
+
+    run_dir = Path(run_dir)
+    save_tensors(run_dir / WEIGHTS, model.state_dict(), metadata={"format": MODEL_FORMAT})
+    # ONNX files exported from earlier weights would answer for a model that no longer exists (model.json,
+    # rewritten below, no longer describes them): a run folder never holds them past its weights.
+    for name in ("model.onnx", "model.int8.onnx"):
+        (run_dir / name).unlink(missing_ok=True)
+    meta = {"format": MODEL_FORMAT, "schema_version": SCHEMA_VERSION, "model": model.arch_name,
+            "parameters": count_parameters(model), **meta}
+    write_json(run_dir / MODEL_JSON, meta)
+
+
+def _probe_images():
+    """Four fixed uint8 28x28 images: black, white, a bright block on black (a garment's outline), a ramp."""
+    import numpy as np
+
+    x = np.zeros((4, 28, 28), np.uint8)
+    x[1] = 255
+    x[2, 5:23, 8:20] = 200
+    x[3] = np.linspace(0, 255, 28).astype(np.uint8)
+    return x
+
+
+def check_new_run_folder(path, overwrite: bool = False) -> None:
+    """Refuse to train a new run into a folder that holds one, unless told to replace it (``overwrite``)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a folder: choose another output folder")
+    found = [name for name in RUN_MARKERS if (path / name).exists()]
+    if found and not overwrite:
+        raise CheckpointError(f"{path} holds a run already ({', '.join(found)}): continue it with --resume "
+                              f"{path}, replace it with --overwrite, or choose another output folder")
+
+
+def remove_run(path) -> None:
+    """Remove the run in ``path``: the files fmnist writes (:data:`RUN_FILES`), temporaries of interrupted
+    writes, and the report folder. Anything else in the folder is not fmnist's and stays."""
+    import shutil
+
+    path = Path(path)
+    for name in RUN_FILES:
+        if (path / name).is_file() or (path / name).is_symlink():
+            (path / name).unlink()
+    for tmp in path.glob("*.tmp"):  # .NAME.XXXX.tmp of runfiles._atomic
+        if any(tmp.name.startswith(f".{name}.") for name in RUN_FILES):
+            tmp.unlink()
+    if (path / REPORT_DIR).is_dir():
+        shutil.rmtree(path / REPORT_DIR)
+
+
+def created_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

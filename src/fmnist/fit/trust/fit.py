@@ -1,0 +1,127 @@
+"""Fit the trust layer of a run: temperature (calibration), out-of-distribution detector, candidate sets.
+
+Called at the end of every ``fmnist train`` and by ``fmnist calibrate RUN``. It loads the *kept* model of the
+run, computes features and logits once (:func:`fmnist.core.forward.forward`, as the Predictor does) for a sample of
+the training split and for the validation split, then
+
+- fits the temperature on the validation logits (:mod:`fmnist.fit.trust.calibration`),
+- draws procedural non-garments (:mod:`fmnist.fit.trust.outliers`) for the OOD detector's outlier score, fits the
+  OOD statistics on the training sample and them, and sets the threshold on validation (:mod:`fmnist.core.ood`),
+- fits the candidate sets on the calibrated validation probabilities (:mod:`fmnist.core.conformal`),
+
+and stores them with the model: ``model.json["calibration"]``, ``["ood"]``, ``["conformal"]`` and
+``RUN/ood.safetensors``.
+The test split is never used here.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fmnist.core.forward import forward, probabilities
+from fmnist.core.preprocess import preprocess
+from fmnist.core.run import Run
+from fmnist.core import conformal
+from fmnist.core.conformal import DEFAULT_COVERAGE
+from fmnist.core.ood import DEFAULT_PARTS, DEFAULT_TARGET, Detector, pixels01
+from fmnist.fit.trust.outliers import COUNT as OUTLIER_COUNT
+from fmnist.fit.trust.outliers import procedural
+
+if TYPE_CHECKING:  # PyTorch is imported where a fit runs: the command line reads this module's settings without it
+    import torch
+
+FIT_SIZE = 10_000  # training images that fit the OOD statistics (stratified sample): as good as 20,000, faster
+# What the fit costs, for a time budget to keep in hand (fmnist.fit.train): 2.4 validation passes' worth of model
+# time (features of FIT_SIZE training images, the validation images and 2,000 procedural non-garments: 2.2, and a
+# margin the measurements below asked for) plus about 6.5 s of drawing those and fitting statistics on a 2-core
+# CPU (measured: 6.2 s after s2d-32, 12.8 s after resnet9-s, 38 s after resnet9-m). The fit runs the model as it
+# is served, in fp32: after a training run validated in bf16 each pass costs about twice as much.
+COST_FIXED_SECONDS = 6.5
+COST_PER_VALIDATION = 2.4
+FP32_OVER_BF16 = 2.0
+
+
+def cost_seconds(validation_seconds: float, precision: str = "fp32") -> float:
+    """Predicted seconds of :func:`fit_trust`, given what one validation pass costs in ``precision``."""
+    per_pass = validation_seconds * (FP32_OVER_BF16 if precision in ("bf16", "fp16") else 1.0)
+    return COST_FIXED_SECONDS + COST_PER_VALIDATION * per_pass
+
+
+def stratified_sample(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Positions of about ``size`` items, the same fraction of each class (all if size >= len)."""
+    import torch
+
+    if size <= 0 or size >= len(labels):
+        return torch.arange(len(labels))
+    gen = torch.Generator().manual_seed(seed)
+    frac = size / len(labels)
+    picks = []
+    for c in torch.unique(labels):
+        pos = torch.nonzero(labels == c).flatten()
+        picks.append(pos[torch.randperm(len(pos), generator=gen)[:max(1, round(frac * len(pos)))]])
+    return torch.cat(picks).sort().values
+
+
+def run_outputs(run: Run, backend, images: torch.Tensor):
+    """(features, logits, pixels in [0, 1]) of uint8 (N, 28, 28) images, as the Predictor computes them."""
+    import torch
+
+    feats, logits = forward(backend, preprocess(images, run.spec), tta=run.tta)
+    return torch.from_numpy(feats), torch.from_numpy(logits), pixels01(images)
+
+
+def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS,
+              fit_size: int = FIT_SIZE, device=None, seed: int = 0, coverage: float = DEFAULT_COVERAGE) -> dict:
+    """Fit temperature, OOD detector and candidate sets (``coverage``) for the model in ``run_dir`` on its own
+    split; return a summary."""
+    import torch
+
+    from fmnist.fit.trust.calibration import calibrate
+
+    run = Run.load(run_dir, detector=False)
+    train_idx, val_idx = run.split(data.train_labels)
+    if len(val_idx) < 20:
+        return {"skipped": "no validation split to calibrate on (--val-size 0)"}
+    backend = run.backend("torch", device or "cpu")  # refuses a model with non-finite outputs
+    num_classes = len(run.class_names)
+    train_idx = train_idx[stratified_sample(data.train_labels[train_idx], fit_size, seed)]
+    tr_labels, va_labels = data.train_labels[train_idx], data.train_labels[val_idx]
+    if torch.bincount(tr_labels, minlength=num_classes).min() < 3:
+        return {"skipped": "fewer than 3 training images of some class (--subset too small)"}
+    tr_feats, tr_logits, tr_pix = run_outputs(run, backend, data.train_images[train_idx])
+    va_feats, va_logits, va_pix = run_outputs(run, backend, data.train_images[val_idx])
+    outliers = None
+    if "outlier" in parts:
+        # as many as the training images of the fit (at most COUNT): a quick run on a subset fits quickly
+        outliers = run_outputs(run, backend, torch.from_numpy(procedural(min(OUTLIER_COUNT, len(train_idx)), seed)))
+
+    calibration = calibrate(va_logits, va_labels)
+    detector = Detector.fit(tr_feats, tr_labels, tr_pix, va_feats, va_pix, num_classes,
+                            target_accept=target_accept, parts=parts, seed=seed, val_logits=va_logits,
+                            train_logits=tr_logits, outliers=outliers)
+    sets = None  # candidate sets, on the calibrated probabilities as served; too few images give no guarantee
+    if len(va_labels) >= conformal.min_calibration_size(coverage):
+        sets = conformal.fit(probabilities(va_logits.numpy(), calibration["temperature"]), va_labels.numpy(),
+                             coverage)
+    run.update(calibration=calibration, ood=detector.save(run.path), conformal=sets)
+    return {
+        "coverage": [sets["coverage"], sets["val_coverage"]] if sets else None,
+        "mean_set_size": sets["val_mean_size"] if sets else None,
+        "temperature": calibration["temperature"],
+        "val_nll": [calibration["nll_before"], calibration["nll_after"]],
+        "val_ece": [calibration["ece_before"], calibration["ece_after"]],
+        "ood_parts": list(detector.parts),
+        "ood_threshold": detector.threshold,
+        "ood_val_accept": detector.config["val_accept"],
+    }
+
+
+def describe(summary: dict) -> str:
+    """One line for the training log."""
+    if "skipped" in summary:
+        return f"calibration and OOD detector skipped: {summary['skipped']}"
+    return (f"calibrated: temperature {summary['temperature']:.3f}, validation NLL {summary['val_nll'][0]:.4f} -> "
+            f"{summary['val_nll'][1]:.4f}, ECE {100 * summary['val_ece'][0]:.2f} % -> "
+            f"{100 * summary['val_ece'][1]:.2f} %; OOD detector ({', '.join(summary['ood_parts'])}) accepts "
+            f"{100 * summary['ood_val_accept']:.1f} % of validation images"
+            + (f"; candidate sets for {100 * summary['coverage'][0]:.0f} % coverage: {summary['mean_set_size']:.2f} "
+               "labels on average" if summary["coverage"] else "; no candidate sets (validation split too small)"))
