@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist.core import conformal
+from fmnist.fit.data import split_indices
 
 FIXED = ((1, 0.1), (3, 0.1), (2, 0.01), (2, 0.05), (2, 0.2), (2, 0.5))  # (k_reg, lam) of the other RAPS rows
 LAMBDAS = (0.0, 0.001, 0.01, 0.1, 0.2, 0.5)  # the tuning grid of Angelopoulos et al., plus 0
@@ -88,11 +89,11 @@ def print_table(title: str, rows: dict[str, list[tuple[float, ...]]]) -> None:
 
 def run_probs(run_dir: Path, data_dir, verify: bool, threads: int):
     """Calibrated (validation probs, labels, test probs, labels) of a run folder's model."""
+    from fmnist.core.forward import probabilities
+    from fmnist.core.run import Run
     from fmnist.fit import runtime
     from fmnist.fit.data import load_fashion_mnist
     from fmnist.fit.evaluate import run_logits
-    from fmnist.core.forward import probabilities
-    from fmnist.core.run import Run
 
     device = runtime.setup(threads or None, "cpu")
     run = Run.load(run_dir, detector=False)
@@ -100,7 +101,7 @@ def run_probs(run_dir: Path, data_dir, verify: bool, threads: int):
         print(f"{run_dir}: no calibration in model.json (run `fmnist calibrate` first); using temperature 1",
               file=sys.stderr)
     data = load_fashion_mnist(data_dir, verify=verify)
-    _, val_idx = run.split(data.train_labels)
+    _, val_idx = split_indices(data.train_labels, run.config)
     if not len(val_idx):
         raise SystemExit(f"{run_dir}: the run held out no validation split (val_size 0): nothing to fit on")
     backend = run.backend("torch", device)

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmnist.fit import runtime
 from fmnist.core.backends import OnnxBackend
-from fmnist.fit.export import FP32, INT8
 from fmnist.core.run import Run
+from fmnist.fit import runtime
+from fmnist.fit.export import FP32, INT8
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 
@@ -62,18 +62,18 @@ def images_per_second(fn, x: np.ndarray, seconds: float) -> float:
 def backends(run: Path, threads: int) -> dict:
     """name -> backend.run, with ``threads`` intra-op threads each (PyTorch's setting is process-wide)."""
     torch.set_num_threads(threads or runtime.physical_cores())
-    out = {"PyTorch eager": Run.load(run, detector=False).backend(fold_bn=True).run}  # as the server runs it
+    loaded = Run.load(run, detector=False)
+    out = {"PyTorch eager": loaded.backend(fold_bn=True).run}  # as the server runs it
     for label, name in (("ORT fp32", FP32), ("ORT int8", INT8)):
         if (run / name).exists():
-            out[label] = OnnxBackend(run / name, threads=threads).run
+            out[label] = OnnxBackend(run / name, loaded.meta, threads=threads).run
     return out
 
 
 def sample_images(run: Path, n: int, data_dir) -> tuple[np.ndarray, str]:
     """Official test images, preprocessed as the run's model expects; random ones where there are none (int8
     ranges are calibrated on garments, so int8 agreement on noise says little)."""
-    from fmnist.fit.data import DataError, load_fashion_mnist
-    from fmnist.core.preprocess import preprocess
+    from fmnist.fit.data import DataError, load_fashion_mnist, preprocess
 
     try:
         data = load_fashion_mnist(data_dir, download=False)

@@ -293,9 +293,9 @@ def start_server(run: str, threads: int, max_concurrency: int, backend: str = "a
 def in_process(run: str, images: list[bytes], repeat: int, backend: str = "auto") -> dict:
     """Latency of one request's work without HTTP, of the Python API, and of the model alone."""
     import fmnist
+    from fmnist.apps.serve.inference import classify_batch, prepare_upload, single_threaded_compute
     from fmnist.core.forward import forward
     from fmnist.core.images import MAX_PIXELS
-    from fmnist.apps.serve.inference import classify_batch, prepare_upload, single_threaded_compute
 
     plain = fmnist.load(run, backend=backend)
     served = fmnist.load(run, backend=backend, fold_bn=True)  # as the server loads it

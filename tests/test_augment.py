@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fmnist.core.preprocess import make_spec
 from fmnist.fit.augment import (
     AUGMENTATIONS,
     augment_batch,
@@ -14,7 +15,7 @@ from fmnist.fit.augment import (
     random_crop,
     random_erase,
 )
-from fmnist.core.preprocess import make_spec, preprocess
+from fmnist.fit.data import preprocess
 
 SPEC = make_spec()
 BG = (0.0 - SPEC["mean"]) / SPEC["std"]  # the normalised value of a black (raw 0) pixel

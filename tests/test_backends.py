@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from fmnist.fit.checkpoint import CheckpointError  # noqa: E402
 from fmnist.apps.cli import main  # noqa: E402
+from fmnist.core.predict import Predictor  # noqa: E402
+from fmnist.fit.checkpoint import CheckpointError  # noqa: E402
 from fmnist.fit.evaluate import evaluate_run  # noqa: E402
 from fmnist.fit.export import export_onnx  # noqa: E402
-from fmnist.core.predict import Predictor  # noqa: E402
 from fmnist.fit.trust import eval_sets  # noqa: E402
 
 
@@ -75,7 +75,8 @@ def test_int8_backend_evaluates_close_to_fp32(exported, synthetic_data):
 
 def test_new_weights_remove_the_exported_files(exported, tmp_path):
     """ONNX files of earlier weights must never answer for the model now in the folder."""
-    from fmnist.core.run import Run, save_model
+    from fmnist.core.run import Run
+    from fmnist.fit.checkpoint import save_model
 
     run = shutil.copytree(exported, tmp_path / "run")
     save_model(run, Run.load(run).model(), {k: v for k, v in Run.load(run).meta.items() if k != "onnx"})

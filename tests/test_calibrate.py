@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fmnist.apps.cli import main
+from fmnist.core.ood import DEFAULT_PARTS
 from fmnist.fit.trust.calibration import (
     brier_score,
     calibrate,
@@ -17,7 +18,6 @@ from fmnist.fit.trust.calibration import (
     fit_temperature,
     nll,
 )
-from fmnist.core.ood import DEFAULT_PARTS
 
 
 def overconfident(n: int = 4000, true_t: float = 2.5, seed: int = 0):

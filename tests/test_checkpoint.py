@@ -8,18 +8,19 @@ import pytest
 import torch
 
 from fmnist import CLASS_NAMES
+from fmnist.core.preprocess import make_spec
+from fmnist.core.run import MODEL_FORMAT, Run
 from fmnist.fit.checkpoint import (
     CheckpointError,
     load_state,
     load_tensors,
     read_json,
+    save_model,
     save_state,
     save_tensors,
     write_json,
 )
 from fmnist.fit.models import create_model
-from fmnist.core.preprocess import make_spec
-from fmnist.core.run import MODEL_FORMAT, Run, save_model
 
 
 def load_model(path):

@@ -16,12 +16,12 @@ import torch
 import torch.multiprocessing as mp
 
 import fmnist
+from fmnist.apps.cli import main
+from fmnist.core.run import Run
 from fmnist.fit import distributed
 from fmnist.fit.checkpoint import load_state, load_tensors
-from fmnist.apps.cli import main
 from fmnist.fit.distributed import Context, context_from_env, rank_seed, share
 from fmnist.fit.models import create_model
-from fmnist.core.run import Run
 from fmnist.fit.train import resolve_config, steps_per_epoch, train
 
 # No BatchNorm, no dropout, no augmentation: nothing differs between one process and two but how the batch is cut.

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist.fit.evaluate import classification_metrics, evaluate_run, format_report
-from fmnist.core.preprocess import preprocess
 from fmnist.core.run import Run
+from fmnist.fit.data import preprocess
+from fmnist.fit.evaluate import classification_metrics, evaluate_run, format_report
 
 # Copies of the shared trained run leave out files other tests may have added to it.
 FRESH = shutil.ignore_patterns("metrics.json")

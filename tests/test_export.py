@@ -20,17 +20,22 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from fmnist import CLASS_NAMES
-from fmnist.core.backends import MissingDependency, OnnxBackend
-from fmnist.fit.checkpoint import CheckpointError, read_json, save_tensors, write_json
 from fmnist.apps.cli import main
+from fmnist.core.backends import MissingDependency, OnnxBackend, TorchBackend
+from fmnist.core.preprocess import DEFAULT_SPEC
+from fmnist.core.run import MODEL_FORMAT, Run
+from fmnist.fit.checkpoint import CheckpointError, read_json, save_model, save_tensors, write_json
+from fmnist.fit.data import preprocess
 from fmnist.fit.export import FP32, INT8, calibration_images_of, export_onnx, validate_onnx
-from fmnist.core.forward import TorchBackend
 from fmnist.fit.models import create_model
-from fmnist.core.preprocess import DEFAULT_SPEC, preprocess
-from fmnist.core.run import MODEL_FORMAT, Run, save_model
 
 FRESH = shutil.ignore_patterns("metrics.json", "export.json")
 
+
+
+def onnx_backend(path: Path, **kwargs) -> OnnxBackend:
+    """An ONNX backend on ``path``, with the model.json of the run folder it lies in."""
+    return OnnxBackend(path, Run.load(path.parent, detector=False).meta, **kwargs)
 
 def images(data, n, start=0) -> np.ndarray:
     return preprocess(data.test_images[start:start + n], DEFAULT_SPEC).numpy()
@@ -39,7 +44,7 @@ def images(data, n, start=0) -> np.ndarray:
 def assert_parity(run: Path, name: str, x: np.ndarray, atol: float = 1e-4) -> None:
     model, _ = load_model(run)
     f_ref, l_ref = TorchBackend(model).run(x)
-    f, l = OnnxBackend(run / name, threads=1).run(x)
+    f, l = onnx_backend(run / name, threads=1).run(x)
     assert f.shape == f_ref.shape and l.shape == l_ref.shape and f.dtype == l.dtype == np.float32
     np.testing.assert_allclose(f, f_ref, atol=atol, rtol=0)
     np.testing.assert_allclose(l, l_ref, atol=atol, rtol=0)
@@ -108,7 +113,7 @@ def test_int8_is_smaller_and_agrees_on_most_answers(exported, synthetic_data):
     assert (exported / INT8).stat().st_size < 0.5 * (exported / FP32).stat().st_size
     x = images(synthetic_data, 200)
     _, l_ref = TorchBackend(load_model(exported)[0]).run(x)
-    _, l_q = OnnxBackend(exported / INT8, threads=1).run(x)
+    _, l_q = onnx_backend(exported / INT8, threads=1).run(x)
     assert (l_q.argmax(1) == l_ref.argmax(1)).mean() >= 0.95
 
 
@@ -153,12 +158,12 @@ def test_command_line(tmp_path, trained_run, idx_dir, capsys):
 
 def test_new_weights_make_the_export_stale_until_exported_again(run, synthetic_data):
     export_onnx(run)  # same weights: the int8 file stays valid and recorded
-    OnnxBackend(run / INT8)
+    onnx_backend(run / INT8)
     model, _ = load_model(run)
     state = {k: v * 1.1 if k == "head.weight" else v for k, v in model.state_dict().items()}
     save_tensors(run / "model.safetensors", state, metadata={"format": MODEL_FORMAT})
     with pytest.raises(CheckpointError, match="exported from other weights"):
-        OnnxBackend(run / FP32)
+        onnx_backend(run / FP32)
     export_onnx(run)
     assert not (run / INT8).exists() and INT8 not in read_json(run / "model.json")["onnx"]["files"]
     assert_parity(run, FP32, images(synthetic_data, 7))
@@ -220,19 +225,19 @@ def test_tampered_or_truncated_model(run, damage):
         data = data[: len(data) // 3]
     (run / FP32).write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="has changed since it was exported"):
-        OnnxBackend(run / FP32)
+        onnx_backend(run / FP32)
     meta = read_json(run / "model.json")
     del meta["onnx"]["files"][FP32]  # no record to compare with: ONNX Runtime's own checks must catch it
     write_json(run / "model.json", meta)
     if damage == "truncate":
         with pytest.raises(CheckpointError, match="ONNX Runtime cannot load .*model.onnx"):
-            OnnxBackend(run / FP32)
+            onnx_backend(run / FP32)
 
 
 def test_missing_model_onnx(tmp_path, trained_run):
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=FRESH)
     with pytest.raises(CheckpointError, match="model.onnx not found: export the run first"):
-        OnnxBackend(run / FP32)
+        onnx_backend(run / FP32)
 
 
 def small_graph(path: Path, input_name="image", batch="batch", classes=10, hidden=784) -> None:
@@ -261,24 +266,24 @@ def small_graph(path: Path, input_name="image", batch="batch", classes=10, hidde
 def test_model_that_does_not_match_the_run(run, kwargs, message):
     small_graph(run / FP32, **kwargs)
     with pytest.raises(CheckpointError, match="has changed since it was exported"):
-        OnnxBackend(run / FP32)  # recorded checksum first
+        onnx_backend(run / FP32)  # recorded checksum first
     meta = read_json(run / "model.json")
     del meta["onnx"]["files"][FP32]
     write_json(run / "model.json", meta)
     with pytest.raises(CheckpointError, match="does not match the run.*" + message):
-        OnnxBackend(run / FP32)
+        onnx_backend(run / FP32)
 
 
 def test_wrong_input_shape_at_run_time(exported):
     with pytest.raises(ValueError, match=r"expected images of shape \(N, 1, 28, 28\)"):
-        OnnxBackend(exported / FP32).run(np.zeros((2, 28, 28), np.float32))
+        onnx_backend(exported / FP32).run(np.zeros((2, 28, 28), np.float32))
 
 
 def test_without_onnxruntime_or_onnxscript(run, monkeypatch):
     before = (run / "model.json").read_bytes()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     with pytest.raises(MissingDependency, match="needs ONNX Runtime: pip install onnxruntime"):
-        OnnxBackend(run / FP32)
+        onnx_backend(run / FP32)
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     (run / FP32).unlink()
     with pytest.raises(MissingDependency, match=r"export needs onnxscript: pip install 'fmnist\[export\]'"):
@@ -296,7 +301,9 @@ import sys
 sys.modules["torch"] = None  # any `import torch` now fails
 import numpy as np
 from fmnist.core.backends import OnnxBackend
-features, logits = OnnxBackend({str(exported / FP32)!r}).run(np.load({str(tmp_path / 'x.npy')!r}))
+from fmnist.core.run import Run
+meta = Run.load({str(exported)!r}, detector=False).meta
+features, logits = OnnxBackend({str(exported / FP32)!r}, meta).run(np.load({str(tmp_path / 'x.npy')!r}))
 np.save({str(tmp_path / 'logits.npy')!r}, logits)
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "safetensors")))
 """

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist.core.forward import TorchBackend, forward
+from fmnist.core.backends import TorchBackend
+from fmnist.core.forward import forward
 from fmnist.fit.models import create_model, fuse_conv_bn
 
 

@@ -33,10 +33,10 @@ with warnings.catch_warnings():  # Starlette suggests httpx2 over httpx; both wo
     from fastapi.testclient import TestClient
 
 from fmnist import CLASS_NAMES
-from fmnist.core.images import MAX_PIXELS, decode_image
-from fmnist.core.preprocess import to_dataset_format
 from fmnist.apps.serve.app import create_app
 from fmnist.apps.serve.background import serve_in_thread
+from fmnist.core.images import MAX_PIXELS, decode_image
+from fmnist.core.preprocess import to_dataset_format
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

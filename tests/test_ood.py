@@ -10,11 +10,12 @@ import torch
 from conftest import make_synthetic
 
 import fmnist
-from fmnist.fit.checkpoint import CheckpointError
 from fmnist.apps.cli import main
+from fmnist.core.ood import DEFAULT_PARTS, DEFAULT_TARGET, PARTS, Detector, pixels01
+from fmnist.fit.checkpoint import CheckpointError
 from fmnist.fit.trust import eval_sets as ood_sets
 from fmnist.fit.trust.metrics import auroc, fpr_at_tpr
-from fmnist.core.ood import DEFAULT_PARTS, DEFAULT_TARGET, PARTS, Detector, pixels01
+from fmnist.fit.trust.ood_fit import fit_detector
 from fmnist.fit.trust.outliers import procedural
 
 
@@ -41,7 +42,7 @@ def id_data():
 
 def fit(id_data, **kwargs):
     (tf, tl, tp, tlog), (vf, _, vp, vl) = id_data["train"], id_data["val"]
-    return Detector.fit(tf, tl, tp, vf, vp, num_classes=10, val_logits=vl, train_logits=tlog,
+    return fit_detector(tf, tl, tp, vf, vp, num_classes=10, val_logits=vl, train_logits=tlog,
                         outliers=id_data["outliers"], **kwargs)
 
 
@@ -190,7 +191,7 @@ def test_the_outlier_score_refuses_procedural_non_garments_it_never_saw(detector
     # Without its negative examples the outlier score cannot be fitted: a clear error, not a silent detector.
     (tf, tl, tp, _), (vf, _, vp, vl) = id_data["train"], id_data["val"]
     with pytest.raises(ValueError, match="outliers"):
-        Detector.fit(tf, tl, tp, vf, vp, 10, val_logits=vl)
+        fit_detector(tf, tl, tp, vf, vp, 10, val_logits=vl)
 
 
 def test_procedural_non_garments_are_repeatable_and_never_blank():

@@ -16,7 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from fmnist.core.images import ImageError, decode_image
-from fmnist.core.preprocess import DEFAULT_SPEC, is_blank, preprocess, to_dataset_format
+from fmnist.core.preprocess import DEFAULT_SPEC, is_blank, to_dataset_format
+from fmnist.fit.data import preprocess
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 HAVE_DATA = (DATA / "t10k-images-idx3-ubyte.gz").exists()

@@ -14,12 +14,12 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from fmnist.apps import cli# noqa: E402
-from fmnist.fit.checkpoint import CheckpointError, read_json, write_json  # noqa: E402
+from fmnist.apps import cli  # noqa: E402
 from fmnist.apps.report import FIGURES, build_report, calibration_bins, predict_test  # noqa: E402
 from fmnist.apps.report.compare import format_compare, run_row  # noqa: E402
 from fmnist.apps.report.figures import overfit_start  # noqa: E402
 from fmnist.core.run import Run  # noqa: E402
+from fmnist.fit.checkpoint import CheckpointError, read_json, write_json  # noqa: E402
 
 
 @pytest.fixture()
@@ -146,8 +146,8 @@ def test_report_has_a_model_card_and_says_when_uncalibrated(report, trained_run)
 
 
 def test_report_shows_coverage_and_set_sizes_of_the_candidate_sets(report, noisy_data):
-    from fmnist.core.forward import probabilities
     from fmnist.core import conformal
+    from fmnist.core.forward import probabilities
 
     run = Run.load(report.parent.parent)
     assert run.conformal is not None  # training fits the sets

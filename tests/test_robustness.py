@@ -20,10 +20,10 @@ import torch
 from conftest import make_synthetic
 from PIL import Image
 
-from fmnist.fit.checkpoint import CheckpointError, load_state, load_tensors, save_state, save_tensors
 from fmnist.apps.cli import main
-from fmnist.fit.data import load_fashion_mnist
 from fmnist.core.run import RUN_MARKERS, Run
+from fmnist.fit.checkpoint import CheckpointError, load_state, load_tensors, save_state, save_tensors
+from fmnist.fit.data import load_fashion_mnist
 from fmnist.fit.train import resolve_config, train
 
 V1 = Path(__file__).parent / "fixtures" / "run-v1"  # a small finished run ("tiny" model)
@@ -150,8 +150,8 @@ def poison(run: Path) -> None:
 
 
 def test_nan_weights_are_refused_before_they_answer(v1, tmp_path, capsys, synthetic_data):
-    from fmnist.fit.evaluate import evaluate_run
     from fmnist.core.predict import Predictor
+    from fmnist.fit.evaluate import evaluate_run
 
     poison(v1)
     run = Run.load(v1)
@@ -169,8 +169,8 @@ def test_nan_weights_are_refused_before_they_answer(v1, tmp_path, capsys, synthe
 
 def test_non_finite_logits_on_the_test_set_are_an_error_not_a_figure(v1, synthetic_data):
     """What `fmnist report` and `evaluate` compute from (run_logits), even with a backend built around the probe."""
+    from fmnist.core.backends import TorchBackend
     from fmnist.fit.evaluate import run_logits
-    from fmnist.core.forward import TorchBackend
 
     poison(v1)
     run = Run.load(v1, detector=False)

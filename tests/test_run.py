@@ -10,8 +10,9 @@ import pytest
 from conftest import make_synthetic
 
 import fmnist
-from fmnist.fit.checkpoint import CheckpointError, read_json, write_json
 from fmnist.core.run import SCHEMA_VERSION, Run
+from fmnist.fit.checkpoint import CheckpointError, read_json, write_json
+from fmnist.fit.data import split_indices
 
 V1 = Path(__file__).parent / "fixtures" / "run-v1"  # written by fmnist before schema_version existed
 
@@ -24,7 +25,7 @@ def v1(tmp_path) -> Path:
 def test_a_run_of_the_previous_format_loads_and_answers_as_before(v1):
     run = Run.load(v1)
     assert run.schema_version == 1 and run.model_name == "tiny" and run.detector is not None
-    assert run.split(make_synthetic().train_labels)[1].numel() == 200  # its config.json's split
+    assert split_indices(make_synthetic().train_labels, run.config)[1].numel() == 200  # its config.json's split
     expected = json.loads((v1 / "expected.json").read_text())
     got = fmnist.load(v1).predict_batch(list(make_synthetic().test_images[:6].numpy()))
     assert run.conformal is None  # fitted before candidate sets existed

@@ -483,8 +483,8 @@ def _run_batcher(predictor, requests, max_images=64):
 
 def test_an_image_that_cannot_be_prepared_fails_only_its_request(trained_run, garment_png, monkeypatch):
     import fmnist
-    from fmnist.core.images import ImageError
     from fmnist.apps.serve.inference import UploadError
+    from fmnist.core.images import ImageError
 
     predictor = fmnist.load(trained_run)
     real = predictor.to_image28

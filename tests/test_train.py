@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from conftest import make_synthetic
 
-from fmnist.fit.checkpoint import load_state, load_tensors
-from fmnist.fit.data import split_indices
-from fmnist.core.forward import TorchBackend, forward
-from fmnist.fit.models import create_model, model_names
-from fmnist.core.preprocess import preprocess
+from fmnist.core.backends import TorchBackend
+from fmnist.core.forward import forward
 from fmnist.core.run import Run
+from fmnist.fit.checkpoint import load_state, load_tensors
+from fmnist.fit.data import preprocess, split_indices
+from fmnist.fit.models import create_model, model_names
 from fmnist.fit.train import EMA, PRESETS, TrainConfig, lr_at, resolve_config, train
 
 

@@ -19,11 +19,11 @@ optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
 import fmnist  # noqa: E402
-from fmnist.fit.checkpoint import read_json  # noqa: E402
 from fmnist.apps.cli import main  # noqa: E402
 from fmnist.apps.report.compare import expand_runs  # noqa: E402
 from fmnist.apps.tune.space import build_space, parse_option  # noqa: E402
 from fmnist.apps.tune.storage import engine_url  # noqa: E402
+from fmnist.fit.checkpoint import read_json  # noqa: E402
 
 SRC = str(Path(fmnist.__file__).resolve().parents[1])
 SEED_A_LRS = [0.1, 0.01, 0.001, 0.0001]

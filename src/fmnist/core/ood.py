@@ -46,10 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist.core.runfolder import CheckpointError, load_arrays, save_arrays, sha256
+from fmnist.core.runfolder import DETECTOR, CheckpointError, load_arrays, save_arrays, sha256
 
 OOD_FORMAT = "fmnist-ood/1"
-OOD_FILE = "ood.safetensors"
+OOD_FILE = DETECTOR
 DEFAULT_TARGET = 0.98
 PARTS = ("outlier", "energy", "orientation", "stats", "knn", "pixel", "mahalanobis")
 DEFAULT_PARTS = ("outlier", "energy", "orientation", "stats")
@@ -217,19 +217,6 @@ class Detector:
         if self.rule not in COMBINE_RULES:
             raise CheckpointError(f"unknown OOD combination rule {self.rule!r}")
         self.threshold = float(config.get("threshold", float("inf")))
-
-    @classmethod
-    def fit(cls, train_feats, train_labels, train_pixels, val_feats, val_pixels, num_classes: int,
-            target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS, bank_size: int = BANK_SIZE,
-            seed: int = 0, val_logits=None, train_logits=None, outliers=None) -> Detector:
-        """Fit on training features and pixels (in [0, 1]); p-values and threshold on validation (features,
-        pixels and, for the energy and outlier scores, logits). The outlier score also needs the training
-        logits and ``outliers``, (features, logits, pixels) of :func:`fmnist.fit.trust.outliers.procedural`
-        images. See :mod:`fmnist.fit.trust.ood_fit`."""
-        from fmnist.fit.trust.ood_fit import fit_detector
-
-        return fit_detector(cls, train_feats, train_labels, train_pixels, val_feats, val_pixels, num_classes,
-                            target_accept, parts, bank_size, seed, val_logits, train_logits, outliers)
 
     def part_scores(self, feats, pixels, logits=None) -> dict[str, np.ndarray]:
         """Raw score of each part."""

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fmnist.core import conformal
 from fmnist.core.forward import forward, probabilities
 from fmnist.core.images import decode_image
+from fmnist.core.ood import pixels01
 from fmnist.core.preprocess import is_blank, preprocess_array, to_dataset_format
 from fmnist.core.run import Run
-from fmnist.core import conformal
-from fmnist.core.ood import pixels01
 
 
 @dataclass

@@ -15,13 +15,6 @@ def make_spec(mean: float = DEFAULT_SPEC["mean"], std: float = DEFAULT_SPEC["std
     return {"size": 28, "mean": float(mean), "std": float(std)}
 
 
-def preprocess(x, spec: dict | None = None):
-    """:func:`preprocess_array` as a PyTorch tensor (shared memory, no copy), for training and evaluation."""
-    import torch
-
-    return torch.from_numpy(preprocess_array(x, spec))
-
-
 def preprocess_array(x, spec: dict | None = None) -> np.ndarray:
     """Turn images into what a model takes: float32 (N, 1, size, size), normalised by ``spec``. NumPy only.
 

@@ -16,7 +16,21 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fmnist.core.runfolder import (  # no torch: an ONNX-only deployment reads runs too
+import numpy as np
+
+from fmnist.core import backends
+from fmnist.core.conformal import validate_params
+from fmnist.core.ood import Detector
+from fmnist.core.preprocess import preprocess_array
+from fmnist.core.runfolder import (  # noqa: F401 (RUN_FILES, RUN_MARKERS, REPORT_DIR: re-exported)
+    CONFIG,
+    MODEL_JSON,
+    ONNX_FP32,
+    ONNX_INT8,
+    REPORT_DIR,
+    RUN_FILES,
+    RUN_MARKERS,
+    WEIGHTS,
     CheckpointError,
     read_json,
     write_json,
@@ -24,14 +38,6 @@ from fmnist.core.runfolder import (  # no torch: an ONNX-only deployment reads r
 
 MODEL_FORMAT = "fmnist-model/1"
 SCHEMA_VERSION = 2  # 1: before this field existed (same layout); 2: adds schema_version itself
-MODEL_JSON, WEIGHTS = "model.json", "model.safetensors"
-# Files that show a folder holds a run: `fmnist train --out` refuses to mix a new run into it.
-RUN_MARKERS = (MODEL_JSON, WEIGHTS, "config.json", "last.pt", "history.csv", "train.log")
-# Every file fmnist writes in a run folder (train, calibrate, evaluate, export, ood-eval, tune), model.json
-# first: what `train --overwrite` removes, in this order, so a half-removed run never loads. Other files stay.
-RUN_FILES = RUN_MARKERS + ("ood.safetensors", "env.json", "train_summary.json", "metrics.json", "model.onnx",
-                           "model.int8.onnx", "export.json", "ood_eval.json", "tune_trial.json")
-REPORT_DIR = "report"  # `fmnist report`'s default output folder
 
 
 def _finite(value, what: str, path: Path, low: float = -math.inf, high: float = math.inf,
@@ -77,8 +83,6 @@ class Run:
         self.parameters = meta.get("parameters")
         self.conformal: dict | None = None  # candidate-set parameters (fmnist.core.conformal), if fitted
         if meta.get("conformal"):
-            from fmnist.core.conformal import validate_params
-
             try:
                 self.conformal = validate_params(meta["conformal"])
                 if self.conformal["classes"] != len(self.class_names):
@@ -100,7 +104,7 @@ class Run:
         if not where.is_file():
             raise CheckpointError(f"{path} is not a run folder: {MODEL_JSON} "
                                   f"{'is not a regular file' if where.exists() else 'not found'}")
-        config_path = path / "config.json"
+        config_path = path / CONFIG
         config = read_json(config_path) if config_path.is_file() else {}
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path} does not hold a JSON object")
@@ -108,64 +112,34 @@ class Run:
         if not (path / WEIGHTS).is_file():
             raise CheckpointError(f"{path / WEIGHTS} not found: is {path} a finished run?")
         if detector:
-            from fmnist.core.ood import Detector
-
             run.detector = Detector.load(path, run.meta)
         return run
 
     def model(self, device="cpu"):
-        """The PyTorch model with its weights, in eval mode, on ``device``."""
-        from fmnist.fit.checkpoint import load_tensors
-        from fmnist.fit.models import create_model
-
-        try:
-            model = create_model(self.model_name, num_classes=len(self.class_names))
-        except ValueError as e:
-            raise CheckpointError(f"{self.path / MODEL_JSON}: cannot build the model: {e}") from None
-        state = load_tensors(self.path / WEIGHTS)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"{self.path / WEIGHTS} does not match {self.model_name}: {e}") from None
-        return model.to(device).eval()
+        """The PyTorch model with its weights, in eval mode, on ``device`` (needs PyTorch)."""
+        return backends.torch_model(self, device)
 
     def backend(self, kind: str = "torch", device="cpu", fold_bn: bool = False, threads: int = 1):
         """The run's model as an inference backend (:mod:`fmnist.core.forward`): ``torch`` (PyTorch, BatchNorm
         optionally folded), ``onnx`` (ONNX Runtime on ``RUN/model.onnx``, see ``fmnist export``; ``threads``
         intra-op threads), ``onnx-int8`` (``RUN/model.int8.onnx``) or ``auto`` (ONNX Runtime where the run was exported and onnxruntime is installed)."""
-        from fmnist.core.backends import (
-            BACKENDS,
-            FP32,
-            INT8,
-            MissingDependency,
-            OnnxBackend,
-            importable,
-            onnxruntime_available,
-        )
-
-        if kind not in BACKENDS:
-            raise ValueError(f"unknown backend {kind!r}; choose one of: {', '.join(BACKENDS)}")
+        if kind not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {kind!r}; choose one of: {', '.join(backends.BACKENDS)}")
         if kind == "auto":
-            kind = "onnx" if (self.path / FP32).is_file() and onnxruntime_available() else "torch"
+            kind = "onnx" if (self.path / ONNX_FP32).is_file() and backends.onnxruntime_available() else "torch"
         if kind in ("onnx", "onnx-int8"):
-            path = self.path / (FP32 if kind == "onnx" else INT8)
-            return self._probed(OnnxBackend(path, threads=threads, meta=self.meta), path)
-        if not importable("torch"):
-            hint = ("use --backend onnx" if (self.path / FP32).is_file() else
+            path = self.path / (ONNX_FP32 if kind == "onnx" else ONNX_INT8)
+            return self._probed(backends.OnnxBackend(path, self.meta, threads=threads), path)
+        if not backends.importable("torch"):
+            hint = ("use --backend onnx" if (self.path / ONNX_FP32).is_file() else
                     f"export the run where PyTorch is (fmnist export {self.path}) to serve it with ONNX Runtime")
-            raise MissingDependency(f"{self.path}: the torch backend needs PyTorch, which is not installed here: "
+            raise backends.MissingDependency(f"{self.path}: the torch backend needs PyTorch, which is not installed here: "
                                     f"install torch, or {hint}")
-        from fmnist.core.forward import TorchBackend
-
-        return self._probed(TorchBackend(self.model(device), fold_bn=fold_bn), self.path / WEIGHTS)
+        return self._probed(backends.TorchBackend(self.model(device), fold_bn=fold_bn), self.path / WEIGHTS)
 
     def _probed(self, backend, weights: Path):
         """``backend``, once it gives finite outputs for a few fixed images: NaN scores would pass every gate
         (``score < threshold`` is false for NaN), so damaged or diverged weights are refused here, once."""
-        import numpy as np
-
-        from fmnist.core.preprocess import preprocess_array
-
         features, logits = backend.run(preprocess_array(_probe_images(), self.spec))
         if not (np.isfinite(features).all() and np.isfinite(logits).all()):
             raise CheckpointError(f"{weights}: the model gives non-finite outputs (NaN or infinity) for plain "
@@ -173,12 +147,6 @@ class Run:
         if self.detector is not None:  # a detector fitted on another model's features would fail on every request
             self.detector.check_model(features.shape[1], logits.shape[1])
         return backend
-
-    def split(self, labels):
-        """(train_idx, val_idx) of the training images, as the run was trained (``config.json``)."""
-        from fmnist.fit.data import split_indices
-
-        return split_indices(labels, self.config)
 
     def read_optional(self, name: str) -> dict:
         """A run's optional JSON file (metrics, summary, env) or {} when absent; a corrupt one still errors."""
@@ -234,26 +202,8 @@ def _check_meta(meta, where: Path) -> None:
 DEFAULT_CONFIDENCE = 0.60
 
 
-def save_model(run_dir, model, meta: dict) -> None:
-    """Write model.safetensors then model.json (the JSON names the architecture and preprocessing)."""
-    from fmnist.fit.checkpoint import save_tensors
-    from fmnist.fit.models import count_parameters
-
-    run_dir = Path(run_dir)
-    save_tensors(run_dir / WEIGHTS, model.state_dict(), metadata={"format": MODEL_FORMAT})
-    # ONNX files exported from earlier weights would answer for a model that no longer exists (model.json,
-    # rewritten below, no longer describes them): a run folder never holds them past its weights.
-    for name in ("model.onnx", "model.int8.onnx"):
-        (run_dir / name).unlink(missing_ok=True)
-    meta = {"format": MODEL_FORMAT, "schema_version": SCHEMA_VERSION, "model": model.arch_name,
-            "parameters": count_parameters(model), **meta}
-    write_json(run_dir / MODEL_JSON, meta)
-
-
 def _probe_images():
     """Four fixed uint8 28x28 images: black, white, a bright block on black (a garment's outline), a ramp."""
-    import numpy as np
-
     x = np.zeros((4, 28, 28), np.uint8)
     x[1] = 255
     x[2, 5:23, 8:20] = 200

@@ -1,7 +1,8 @@
-"""Run-folder files that need no PyTorch: the error type, atomic writes, JSON metadata, checksums, strict JSON.
+"""The run folder's contract: the name of every file fmnist writes in a run, and how files are written and read
+(atomic writes, strict JSON, checksums, safetensors as NumPy arrays), with the errors they raise.
 
-Kept free of ``torch`` so that a deployment without it (ONNX Runtime only) can read a run folder;
-:mod:`fmnist.fit.checkpoint` re-exports these for everything else.
+No other module names a run file: they import the constants below. Free of ``torch``, so that a deployment
+without it (ONNX Runtime only) reads run folders too; :mod:`fmnist.core.run` reads ``model.json``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,30 @@ import math
 import os
 import tempfile
 from pathlib import Path
+
+# Every file of a run folder, in the order `train --overwrite` removes them (model.json first, so that a
+# half-removed run never loads), with what it holds and what writes it. Other files in the folder are kept.
+MODEL_JSON = "model.json"  # what the weights are: architecture, preprocessing, trust sections (core.run)
+WEIGHTS = "model.safetensors"  # the kept epoch's weights (fit.checkpoint.save_model)
+CONFIG = "config.json"  # the training recipe, a TrainConfig (fit.train)
+LAST = "last.pt"  # the last epoch's full state, for --resume (fit.train)
+HISTORY = "history.csv"  # one row per epoch (fit.train)
+TRAIN_LOG = "train.log"  # what training printed (fit.train)
+DETECTOR = "ood.safetensors"  # the OOD detector's statistics and sorted validation scores (core.ood)
+ENV = "env.json"  # the machine and library versions of the training (fit.train)
+SUMMARY = "train_summary.json"  # timings and the kept epoch (fit.train)
+METRICS = "metrics.json"  # test-set figures (fmnist evaluate)
+ONNX_FP32 = "model.onnx"  # fmnist export
+ONNX_INT8 = "model.int8.onnx"  # fmnist export --int8
+EXPORT_REPORT = "export.json"  # ONNX Runtime against PyTorch (fmnist export)
+OOD_REPORT = "ood_eval.json"  # fmnist ood-eval
+TUNE_TRIAL = "tune_trial.json"  # a tune trial's outcome, written once the study recorded it
+RUN_FILES = (MODEL_JSON, WEIGHTS, CONFIG, LAST, HISTORY, TRAIN_LOG, DETECTOR, ENV, SUMMARY, METRICS, ONNX_FP32,
+             ONNX_INT8, EXPORT_REPORT, OOD_REPORT, TUNE_TRIAL)
+# Files that show a folder holds a run: `fmnist train --out` refuses to mix a new run into it.
+RUN_MARKERS = (MODEL_JSON, WEIGHTS, CONFIG, LAST, HISTORY, TRAIN_LOG)
+ONNX_FILES = (ONNX_FP32, ONNX_INT8)  # exports of the weights: removed whenever the weights are rewritten
+REPORT_DIR = "report"  # `fmnist report`'s default output folder, inside the run
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -13,7 +13,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fmnist.core.runfolder import CheckpointError, _atomic, load_safetensors, read_json, write_json  # noqa: F401 (re-exported)
+from fmnist.core.run import MODEL_FORMAT, SCHEMA_VERSION
+from fmnist.core.runfolder import (  # noqa: F401 (read_json re-exported)
+    MODEL_JSON,
+    ONNX_FILES,
+    WEIGHTS,
+    CheckpointError,
+    _atomic,
+    load_safetensors,
+    read_json,
+    write_json,
+)
+from fmnist.fit.models import count_parameters
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -39,3 +50,16 @@ def load_state(path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is not a valid resume state: {e}") from None
+
+
+def save_model(run_dir, model, meta: dict) -> None:
+    """Write model.safetensors then model.json (the JSON names the architecture and preprocessing)."""
+    run_dir = Path(run_dir)
+    save_tensors(run_dir / WEIGHTS, model.state_dict(), metadata={"format": MODEL_FORMAT})
+    # ONNX files exported from earlier weights would answer for a model that no longer exists (model.json,
+    # rewritten below, no longer describes them): a run folder never holds them past its weights.
+    for name in ONNX_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    meta = {"format": MODEL_FORMAT, "schema_version": SCHEMA_VERSION, "model": model.arch_name,
+            "parameters": count_parameters(model), **meta}
+    write_json(run_dir / MODEL_JSON, meta)

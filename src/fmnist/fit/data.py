@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fmnist.core.preprocess import preprocess_array
+
 if TYPE_CHECKING:
     import torch
 
@@ -345,3 +347,11 @@ def add_data_flags(p, threads: bool = True) -> None:
     p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
     if threads:
         p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = physical cores)")
+
+
+def preprocess(x, spec: dict | None = None) -> torch.Tensor:
+    """:func:`~fmnist.core.preprocess.preprocess_array` as a PyTorch tensor (shared memory, no copy), for training
+    and evaluation."""
+    import torch
+
+    return torch.from_numpy(preprocess_array(x, spec))

@@ -12,14 +12,14 @@ from fmnist.fit import runtime
 def run_logits(backend, run, images, tta: bool | None = None) -> torch.Tensor:
     """Logits of uint8 (N, 28, 28) images through the one forward pass, with the run's preprocessing and TTA."""
     from fmnist.core.forward import forward
-    from fmnist.core.preprocess import preprocess
+    from fmnist.fit.data import preprocess
 
     _, logits = forward(backend, preprocess(images, run.spec), tta=run.tta if tta is None else tta)
     logits = torch.from_numpy(logits)
     bad = int((~torch.isfinite(logits)).any(1).sum())
     if bad:  # NaN logits would count as some class: a figure like 10 % accuracy, with no word of why
-        from fmnist.fit.checkpoint import CheckpointError
         from fmnist.core.run import WEIGHTS
+        from fmnist.fit.checkpoint import CheckpointError
 
         raise CheckpointError(f"{run.path / WEIGHTS}: the model gives non-finite outputs (NaN or infinity) for "
                               f"{bad} of {len(logits)} images: its weights are damaged or its training diverged")
@@ -98,9 +98,9 @@ def evaluate_run(run_dir, data=None, tta: bool | None = None, limit: int | None 
     """Evaluate a run folder's model on the official test set and write RUN/metrics.json.
 
     ``backend``: torch, onnx or auto (:meth:`fmnist.core.run.Run.backend`); the metrics record which one ran."""
-    from fmnist.fit.data import load_fashion_mnist
     from fmnist.core.run import Run
     from fmnist.core.runfolder import write_json
+    from fmnist.fit.data import load_fashion_mnist
 
     dev = runtime.setup(threads, device)
     run = Run.load(run_dir, detector=False)

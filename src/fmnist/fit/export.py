@@ -39,6 +39,7 @@ from fmnist.core.backends import (
     onnx_record,
 )
 from fmnist.core.runfolder import CheckpointError, sha256, write_bytes, write_json
+from fmnist.fit.data import split_indices
 
 # 18: the oldest opset the dynamo exporter emits natively (older ones go through a lossy version converter);
 # ONNX Runtime has run it since 1.14.
@@ -84,9 +85,9 @@ def add_arguments(p) -> None:
 
 
 def cmd_export(args) -> int:
+    from fmnist.core.run import Run
     from fmnist.fit import runtime
     from fmnist.fit.data import load_fashion_mnist
-    from fmnist.core.run import Run
 
     if args.calibration_images < 1 or args.limit < 0 or args.opset < 1:
         raise ValueError("--calibration-images and --opset must be positive, --limit at least 0")
@@ -279,9 +280,9 @@ def _quiet_exporter():
 
 def calibration_images_of(run, data, n: int) -> np.ndarray:
     """``n`` images of the run's own training split (never validation or test), preprocessed as it was."""
-    from fmnist.core.preprocess import preprocess
+    from fmnist.fit.data import preprocess
 
-    train_idx = np.asarray(run.split(data.train_labels)[0])
+    train_idx = np.asarray(split_indices(data.train_labels, run.config)[0])
     pick = np.sort(np.random.default_rng(0).choice(train_idx, min(n, len(train_idx)), replace=False))
     return preprocess(data.train_images[pick], run.spec).numpy()
 
@@ -336,9 +337,9 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
     """
     import onnx
 
-    from fmnist.core.forward import TorchBackend
-    from fmnist.core.preprocess import preprocess
+    from fmnist.core.backends import TorchBackend
     from fmnist.core.run import Run
+    from fmnist.fit.data import preprocess
 
     loaded = Run.load(run_dir, detector=False)
     run, model, meta = loaded.path, loaded.model(), loaded.meta
@@ -353,7 +354,7 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
     report = {"images": len(y), "tolerance": FP32_TOLERANCE, "files": {},
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for name in files:
-        backend = OnnxBackend(run / name, threads=threads, meta=meta)  # checksum, load, signature: clear errors
+        backend = OnnxBackend(run / name, meta, threads=threads)  # checksum, load, signature: clear errors
         try:
             onnx.checker.check_model(str(run / name), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:

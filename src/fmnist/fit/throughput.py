@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from fmnist import CLASS_NAMES
+from fmnist.core.preprocess import make_spec
 from fmnist.fit import runtime
 from fmnist.fit.augment import augment_batch, parse_augment
 from fmnist.fit.models import count_parameters, create_model
-from fmnist.core.preprocess import make_spec
 from fmnist.fit.recipes import AUTO_MODELS, TrainConfig, choose_row, make_optimizer, row_values
 
 WARMUP_STEPS, TIMED_STEPS = 1, 2  # the first step pays for kernel selection and allocation; then two are timed

@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from fmnist import CLASS_NAMES
+from fmnist.core.preprocess import make_spec
+from fmnist.core.run import check_new_run_folder, created_now, remove_run
 from fmnist.fit import distributed, runtime
 from fmnist.fit.augment import augment_batch, parse_augment
 from fmnist.fit.budget import TimeBudget
-from fmnist.fit.checkpoint import CheckpointError, _atomic, load_state, save_state, write_json
+from fmnist.fit.checkpoint import CheckpointError, _atomic, load_state, save_model, save_state, write_json
+from fmnist.fit.data import preprocess
 from fmnist.fit.distributed import ONE_PROCESS, Context
 from fmnist.fit.models import count_parameters, create_model
-from fmnist.core.preprocess import make_spec, preprocess
 from fmnist.fit.recipes import (
     DEFAULT_PRESET,
     PRESETS,
@@ -42,7 +44,6 @@ from fmnist.fit.recipes import (
     resolve_config,
     validate,
 )
-from fmnist.core.run import check_new_run_folder, created_now, remove_run, save_model
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "Context", "TrainConfig", "resolve_config", "train"]
 
@@ -238,7 +239,8 @@ def _step(st: State, cfg: TrainConfig, xb, yb, lr: float, device, precision: str
 def validate_and_keep(job: Job, st: State, train_row: dict, t_epoch: float) -> tuple[dict, bool]:
     """The epoch's row of history, with its validation figures (the one forward pass, :mod:`fmnist.core.forward`),
     and whether it is the best so far, in which case its model is written to the run folder (main process)."""
-    from fmnist.core.forward import BATCH_SIZE, TorchBackend, forward
+    from fmnist.core.backends import TorchBackend
+    from fmnist.core.forward import BATCH_SIZE, forward
 
     cfg, d = job.cfg, job.d
     t_val = time.monotonic()

@@ -10,9 +10,9 @@ import os
 import sys
 
 from fmnist.apps import tune
-from fmnist.fit import export
 from fmnist.apps.cli import evaluate, report, train, trust
 from fmnist.apps.serve import cli as serve
+from fmnist.fit import export
 
 # Every subcommand, in the order `fmnist --help` lists them; each module adds its parsers with
 # set_defaults(func=...) and keeps its heavy imports inside those functions.
@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from fmnist.fit.data import DataError
     from fmnist.core.runfolder import CheckpointError
+    from fmnist.fit.data import DataError
 
     args = build_parser().parse_args(argv)
     try:

@@ -62,8 +62,8 @@ def _per_file_errors() -> tuple:
     """What one input file may raise that is that file's fault or its circumstance, reported per file while the
     others go on: undecodable or unreadable (ImageError, DataError, OSError), unusable (ValueError), too large
     to decode (MemoryError). Anything else is a bug and surfaces with its traceback."""
-    from fmnist.fit.data import DataError
     from fmnist.core.images import ImageError
+    from fmnist.fit.data import DataError
 
     return ImageError, DataError, ValueError, OSError, MemoryError
 

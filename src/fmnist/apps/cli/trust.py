@@ -10,15 +10,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fmnist.fit.data import add_data_flags
+from fmnist.fit.data import add_data_flags, split_indices
 
 EXTRAS_HINT = "pip install scikit-image scikit-learn"
 
 
 def register(sub, formatter_class) -> None:
     from fmnist.core.conformal import DEFAULT_COVERAGE
-    from fmnist.fit.trust.fit import FIT_SIZE
     from fmnist.core.ood import DEFAULT_PARTS, DEFAULT_TARGET, PARTS
+    from fmnist.fit.trust.fit import FIT_SIZE
 
     p = sub.add_parser("calibrate", formatter_class=formatter_class,
                        help="fit temperature scaling, the OOD detector and the candidate sets of a run "
@@ -57,11 +57,11 @@ def register(sub, formatter_class) -> None:
 # --- calibrate -------------------------------------------------------------------------------------------------
 
 def cmd_calibrate(args) -> int:
+    from fmnist.core.backends import TorchBackend
+    from fmnist.core.run import Run
     from fmnist.fit import runtime
     from fmnist.fit.data import load_fashion_mnist
     from fmnist.fit.evaluate import run_logits
-    from fmnist.core.forward import TorchBackend
-    from fmnist.core.run import Run
     from fmnist.fit.trust.calibration import calibration_metrics, format_calibration
     from fmnist.fit.trust.fit import describe, fit_trust
 
@@ -80,7 +80,7 @@ def cmd_calibrate(args) -> int:
         return 1
     run = Run.load(run.path, detector=False)
     backend = TorchBackend(run.model(device))
-    _, val_idx = run.split(data.train_labels)
+    _, val_idx = split_indices(data.train_labels, run.config)
     splits = {"validation": (run_logits(backend, run, data.train_images[val_idx]), data.train_labels[val_idx]),
               "test": (run_logits(backend, run, data.test_images), data.test_labels)}
     rows = {split: (calibration_metrics(logits, labels, 1.0), calibration_metrics(logits, labels, run.temperature))
@@ -97,8 +97,8 @@ def cmd_calibrate(args) -> int:
 def _measure_candidate_sets(run, splits: dict) -> str:
     """Coverage, mean size and share of singletons of the run's candidate sets on each split, as a table; the
     test figures are stored with the sets (``model.json["conformal"]["test"]``)."""
-    from fmnist.core.forward import probabilities
     from fmnist.core import conformal
+    from fmnist.core.forward import probabilities
 
     if run.conformal is None:
         return "no candidate sets: the validation split is too small for this coverage"
@@ -119,10 +119,10 @@ def _measure_candidate_sets(run, splits: dict) -> str:
 # --- ood-eval --------------------------------------------------------------------------------------------------
 
 def cmd_ood_eval(args) -> int:
-    from fmnist.fit import runtime
-    from fmnist.fit.data import load_fashion_mnist
     from fmnist.core.predict import Predictor
     from fmnist.core.runfolder import write_json
+    from fmnist.fit import runtime
+    from fmnist.fit.data import load_fashion_mnist
     from fmnist.fit.trust import eval_sets
     from fmnist.fit.trust.evaluation import evaluate_sets, format_ood_table
 

@@ -55,9 +55,9 @@ def calibration_bins(probs: np.ndarray, labels: np.ndarray, bins: int | None = N
 
 def predict_test(run: Run, data, limit: int | None = None, threads: int | None = None) -> dict:
     """Test-set logits and (temperature-scaled) probabilities from the run's model."""
+    from fmnist.core.forward import probabilities
     from fmnist.fit import runtime
     from fmnist.fit.evaluate import classification_metrics, run_logits
-    from fmnist.core.forward import probabilities
 
     backend = run.backend("torch", runtime.setup(threads, "auto"))  # probed: a NaN model is one clear error
     images, labels = data.test_images, data.test_labels

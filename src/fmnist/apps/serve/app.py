@@ -30,7 +30,14 @@ from starlette.requests import ClientDisconnect
 import fmnist
 from fmnist.apps.serve.batching import Batcher
 from fmnist.apps.serve.inference import UploadError, jsonable, single_threaded_compute
-from fmnist.apps.serve.limits import BodySizeLimit, BodyWatch, Gate, HostAllowList, JsonErrors, multipart_boundary
+from fmnist.apps.serve.limits import (
+    BodySizeLimit,
+    BodyWatch,
+    Gate,
+    HostAllowList,
+    JsonErrors,
+    multipart_boundary,
+)
 from fmnist.apps.serve.settings import Settings
 from fmnist.apps.serve.texts import GENERIC_REASON, REASON_TEXTS, VERDICT_TEXTS, class_info
 

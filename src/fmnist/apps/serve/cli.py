@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from fmnist.apps.serve.settings import DEFAULTS, FIELDS, Settings, body_bytes, default_allowed_hosts, is_loopback
+from fmnist.apps.serve.settings import (
+    DEFAULTS,
+    FIELDS,
+    Settings,
+    body_bytes,
+    default_allowed_hosts,
+    is_loopback,
+)
 
 HOST, PORT = "127.0.0.1", 8000
 

@@ -20,9 +20,9 @@ SPACE_HELP = " (default: the preset's)"
 
 def register(sub, formatter_class) -> None:
     from fmnist.apps.cli.train import TRAIN_HELP
+    from fmnist.apps.tune.space import option_types
     from fmnist.fit.data import add_data_flags
     from fmnist.fit.recipes import PRESETS
-    from fmnist.apps.tune.space import option_types
 
     p = sub.add_parser("tune", formatter_class=formatter_class,
                        help="search training recipes with Optuna (each trial a run folder)",
@@ -71,10 +71,10 @@ def register(sub, formatter_class) -> None:
 
 def settings_from_args(args):
     """Check every option and build the study's Settings; a ValueError (nothing written) on bad input."""
-    from fmnist.fit import runtime
-    from fmnist.fit.recipes import PRESETS, TrainConfig
     from fmnist.apps.tune.space import build_space, option_types
     from fmnist.apps.tune.study import Settings
+    from fmnist.fit import runtime
+    from fmnist.fit.recipes import PRESETS, TrainConfig
 
     flags = {n: getattr(args, n) for n in option_types() if getattr(args, n) is not None}
     space, machine = build_space(args.preset, flags, args.space)
@@ -105,9 +105,9 @@ def settings_from_args(args):
 
 
 def cmd_tune(args) -> int:
-    from fmnist.fit.data import find_data_dir
     from fmnist.apps.tune.output import write_outputs
     from fmnist.apps.tune.study import prepare, run_workers
+    from fmnist.fit.data import find_data_dir
 
     s = settings_from_args(args)
     find_data_dir(s.data_dir)  # a missing data set fails (or downloads) once here, not in every worker

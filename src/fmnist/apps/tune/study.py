@@ -283,8 +283,8 @@ def work(s: Settings, worker: int = 0, log=print) -> int:
 
 
 def _worker_main(s: Settings, worker: int) -> None:
-    from fmnist.fit.data import DataError
     from fmnist.core.runfolder import CheckpointError
+    from fmnist.fit.data import DataError
 
     try:
         work(s, worker, log=lambda msg: print(f"[worker {worker}] {msg}", flush=True))

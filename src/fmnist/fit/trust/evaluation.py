@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fmnist.fit.trust import eval_sets
 from fmnist.core.conformal import VERDICTS
+from fmnist.fit.trust import eval_sets
 from fmnist.fit.trust.metrics import auroc, fpr_at_tpr
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fmnist.core.forward import forward, probabilities
-from fmnist.core.preprocess import preprocess
-from fmnist.core.run import Run
 from fmnist.core import conformal
 from fmnist.core.conformal import DEFAULT_COVERAGE
-from fmnist.core.ood import DEFAULT_PARTS, DEFAULT_TARGET, Detector, pixels01
+from fmnist.core.forward import forward, probabilities
+from fmnist.core.ood import DEFAULT_PARTS, DEFAULT_TARGET, pixels01
+from fmnist.core.run import Run
+from fmnist.fit.data import preprocess, split_indices
 from fmnist.fit.trust.outliers import COUNT as OUTLIER_COUNT
 from fmnist.fit.trust.outliers import procedural
 
@@ -76,9 +76,10 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
     import torch
 
     from fmnist.fit.trust.calibration import calibrate
+    from fmnist.fit.trust.ood_fit import fit_detector
 
     run = Run.load(run_dir, detector=False)
-    train_idx, val_idx = run.split(data.train_labels)
+    train_idx, val_idx = split_indices(data.train_labels, run.config)
     if len(val_idx) < 20:
         return {"skipped": "no validation split to calibrate on (--val-size 0)"}
     backend = run.backend("torch", device or "cpu")  # refuses a model with non-finite outputs
@@ -95,7 +96,7 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
         outliers = run_outputs(run, backend, torch.from_numpy(procedural(min(OUTLIER_COUNT, len(train_idx)), seed)))
 
     calibration = calibrate(va_logits, va_labels)
-    detector = Detector.fit(tr_feats, tr_labels, tr_pix, va_feats, va_pix, num_classes,
+    detector = fit_detector(tr_feats, tr_labels, tr_pix, va_feats, va_pix, num_classes,
                             target_accept=target_accept, parts=parts, seed=seed, val_logits=va_logits,
                             train_logits=tr_logits, outliers=outliers)
     sets = None  # candidate sets, on the calibrated probabilities as served; too few images give no guarantee

@@ -7,12 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from fmnist.core.ood import (
+    BANK_SIZE,
     COMBINE,
+    DEFAULT_PARTS,
+    DEFAULT_TARGET,
     KNN_K,
     OOD_FORMAT,
     PARTS,
     PIXEL_COMPONENTS,
     SHRINK,
+    Detector,
     image_stats,
     outlier_inputs,
 )
@@ -20,10 +24,13 @@ from fmnist.core.ood import (
 OUTLIER_L2 = 1e-3  # ridge penalty of the outlier classifier, on standardised inputs
 
 
-def fit_detector(cls, train_feats, train_labels, train_pixels, val_feats, val_pixels, num_classes: int,
-                 target_accept: float, parts, bank_size: int, seed: int, val_logits, train_logits=None,
-                 outliers=None):
-    """The body of :meth:`Detector.fit`."""
+def fit_detector(train_feats, train_labels, train_pixels, val_feats, val_pixels, num_classes: int,
+                 target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS, bank_size: int = BANK_SIZE,
+                 seed: int = 0, val_logits=None, train_logits=None, outliers=None) -> Detector:
+    """A :class:`~fmnist.core.ood.Detector` fitted on training features and pixels (in [0, 1]), its p-values and
+    threshold on validation (features, pixels and, for the energy and outlier scores, logits). The outlier score
+    also needs the training logits and ``outliers``, (features, logits, pixels) of
+    :func:`fmnist.fit.trust.outliers.procedural` images."""
     parts = list(parts)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
@@ -40,11 +47,11 @@ def fit_detector(cls, train_feats, train_labels, train_pixels, val_feats, val_pi
     if "outlier" in parts:
         tensors.update(_fit_outlier(outlier_inputs(train_feats, train_logits, train_pixels),
                                     outlier_inputs(*outliers)))
-    det = cls(tensors, {"format": OOD_FORMAT, "parts": parts, "knn_k": KNN_K, "combine": COMBINE})
+    det = Detector(tensors, {"format": OOD_FORMAT, "parts": parts, "knn_k": KNN_K, "combine": COMBINE})
     raw = det.part_scores(val_feats, val_pixels, val_logits)
     det.config["standardise"] = {name: _robust_scale(torch.from_numpy(s)) for name, s in raw.items()}
     # the sorted validation scores: each part's p-values are read from them
-    det = cls({**tensors, **{f"tail.{n}": torch.from_numpy(np.sort(s)) for n, s in raw.items()}}, det.config)
+    det = Detector({**tensors, **{f"tail.{n}": torch.from_numpy(np.sort(s)) for n, s in raw.items()}}, det.config)
     val_scores = det.combine(det.standardised(val_feats, val_pixels, val_logits, in_sample=True))
     set_threshold(det, torch.from_numpy(val_scores), target_accept)
     det.config.update({
