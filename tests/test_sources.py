@@ -339,3 +339,54 @@ def test_nothing_there(tmp_path):
     (tmp_path / "e" / "x.bin").write_bytes(b"1")
     with pytest.raises(DataError, match="neither IDX files"):
         read_dataset(tmp_path / "e")
+
+
+# --- as training takes it ---------------------------------------------------------------------------------
+
+
+def test_load_data_own_set_is_not_mirror_symmetric(tmp_path):
+    write_idx_set(tmp_path, k=3)
+    d = sources.load_data(tmp_path)
+    info = sources.dataset_info(d)
+    assert info["name"] == "custom" and info["class_names"] == ["0", "1", "2"] and info["mirror_symmetric"] is False
+    assert d.train_labels.dtype.is_floating_point is False and tuple(d.train_images.shape) == (30, 28, 28)
+    assert sources.load_data(tmp_path, mirror=True).mirror_symmetric is True
+
+
+def test_official_files_are_fashion_mnist(tmp_path, monkeypatch):
+    """An IDX folder whose files have the official checksums is Fashion-MNIST: its names, mirror-symmetric."""
+    from fmnist import CLASS_NAMES
+
+    write_idx_set(tmp_path, k=10)
+    import gzip
+    import hashlib
+
+    shas = {n: hashlib.sha256(gzip.decompress((tmp_path / f"{n}.gz").read_bytes())).hexdigest() for n in data.FILES}
+    monkeypatch.setattr(data, "FILES", shas)
+    d = sources.load_data(tmp_path)
+    assert d.name == "fashion-mnist" and d.class_names == CLASS_NAMES and d.mirror_symmetric is True
+
+
+def test_plain_data_objects_are_fashion_mnist():
+    from conftest import make_synthetic
+
+    from fmnist import CLASS_NAMES
+
+    info = sources.dataset_info(make_synthetic(20, 10))
+    assert info["class_names"] == list(CLASS_NAMES) and info["mirror_symmetric"] is True
+
+
+def test_fit_to_data_mirror_and_val_size():
+    import dataclasses
+
+    from fmnist.fit.recipes import TrainConfig
+
+    cfg = TrainConfig(augment="flip,crop", tta=True, val_size=10_000)
+    sym = dataclasses.make_dataclass("D", [("mirror_symmetric", bool)])
+    same, notes = sources.fit_to_data(cfg, sym(True), 60_000)
+    assert same == cfg and not notes
+    out, notes = sources.fit_to_data(cfg, sym(False), 1_200)
+    assert out.augment == "crop" and out.tta is False and out.val_size == 200 and len(notes) == 2
+    asked = dataclasses.replace(cfg, mirror=True) if hasattr(cfg, "mirror") else None
+    if asked is not None:
+        assert sources.fit_to_data(asked, sym(False), 60_000)[0].augment == "flip,crop"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist.fit.data import CACHE_DIR, DataError, read_idx
+from fmnist.fit.data import CACHE_DIR, DataError, FashionMNIST, read_idx
 
 MAX_SIDE = 64  # largest image side accepted from IDX and CSV files
 MIN_CLASSES, MAX_CLASSES = 2, 1000
@@ -51,6 +51,19 @@ class ImageSet:
     descriptions: dict = field(default_factory=dict)  # class name -> sentence, from classes.json
     image_size: tuple[int, int] = (_SIZE, _SIZE)  # the size the images had in the files
     checksums: dict = field(default_factory=dict)
+
+
+@dataclass
+class Dataset(FashionMNIST):
+    """A data set as training takes it (PyTorch tensors), with what it is: class names, whether its classes look
+    the same mirrored, descriptions of the classes, and its name ("fashion-mnist" for the official set)."""
+
+    class_names: tuple[str, ...] = ()
+    mirror_symmetric: bool = False
+    descriptions: dict = field(default_factory=dict)
+    name: str = "custom"
+    kind: str = "idx"
+    image_size: tuple[int, int] = (28, 28)
 
 
 # --- class names ---------------------------------------------------------------------------------------------
@@ -555,3 +568,97 @@ def read_dataset(path, test_path=None, class_names=None, progress=None, cache: b
     out.mirror_symmetric = extra["mirror_symmetric"]
     out.descriptions = {k: v for k, v in extra["descriptions"].items() if k in out.class_names}
     return out
+
+
+# --- as training takes it ------------------------------------------------------------------------------------
+
+FASHION_MNIST = "fashion-mnist"
+
+
+def _is_official(folder: Path) -> bool:
+    """True when ``folder``'s four IDX files are the official Fashion-MNIST ones (by SHA-256 of their content)."""
+    from fmnist.fit.data import FILES, _file_in, _read
+
+    paths = [_file_in(folder, name) for name in FILES]
+    if not all(paths):
+        return False
+    try:
+        return all(_read(p)[1] == FILES[name] for p, name in zip(paths, FILES))
+    except DataError:
+        return False
+
+
+def load_data(data=None, test_data=None, class_names=None, data_dir=None, verify: bool = True, mirror=None,
+              progress=None):
+    """The data set a command works on, as training takes it (a :class:`~fmnist.fit.data.FashionMNIST` whose
+    ``class_names``, ``mirror_symmetric``, ``descriptions`` and ``name`` say what it is).
+
+    ``data`` None: the official Fashion-MNIST (``data_dir`` or the usual search, checked by SHA-256 unless not
+    ``verify``). Else :func:`read_dataset` of ``data`` (and ``test_data``, ``class_names``). ``mirror``: True or
+    False overrides whether the classes look the same mirrored (known for Fashion-MNIST, or from classes.json).
+    """
+    import torch
+
+    from fmnist import CLASS_NAMES
+    from fmnist.fit.data import load_fashion_mnist
+
+    if data is None:
+        if test_data is not None:
+            raise DataError("--test-data goes with --data TRAIN.csv.")
+        d = load_fashion_mnist(data_dir, verify=verify)
+        names = CLASS_NAMES
+        if class_names is not None:
+            names = read_class_names(class_names) if isinstance(class_names, (str, os.PathLike)) else tuple(class_names)
+            if len(names) != len(CLASS_NAMES):
+                raise DataError(f"{class_names}: {len(names)} class names for the {len(CLASS_NAMES)} classes of "
+                                "Fashion-MNIST.")
+        return Dataset(d.train_images, d.train_labels, d.test_images, d.test_labels, d.source, d.checksums,
+                       class_names=tuple(names), mirror_symmetric=True if mirror is None else bool(mirror),
+                       name=FASHION_MNIST, kind="idx")
+    s = read_dataset(data, test_data, class_names, progress=progress)
+    official = s.kind == "idx" and _is_official(Path(s.source))
+    names = s.class_names
+    if official and class_names is None and not (Path(s.source) / CLASSES_JSON).is_file():
+        names = CLASS_NAMES
+    symmetric = s.mirror_symmetric if mirror is None else bool(mirror)
+    if symmetric is None:
+        symmetric = official
+    return Dataset(torch.from_numpy(s.train_images), torch.from_numpy(s.train_labels),
+                   torch.from_numpy(s.test_images), torch.from_numpy(s.test_labels), s.source, s.checksums,
+                   class_names=tuple(names), mirror_symmetric=bool(symmetric), descriptions=s.descriptions,
+                   name=FASHION_MNIST if official else "custom", kind=s.kind, image_size=s.image_size)
+
+
+def dataset_info(data) -> dict:
+    """What a run records of its data set: the ``dataset`` section of model.json. A data object without these
+    attributes (tests build plain ones) is Fashion-MNIST."""
+    from fmnist import CLASS_NAMES
+
+    return {"name": getattr(data, "name", FASHION_MNIST),
+            "class_names": list(getattr(data, "class_names", CLASS_NAMES)),
+            "mirror_symmetric": bool(getattr(data, "mirror_symmetric", True)),
+            "descriptions": dict(getattr(data, "descriptions", {}) or {}),
+            "kind": getattr(data, "kind", "idx"),
+            "image_size": list(getattr(data, "image_size", (_SIZE, _SIZE)))}
+
+
+def fit_to_data(cfg, data, n_train: int):
+    """``cfg`` fitted to the data set: without mirrored augmentation and test-time views unless the data set is
+    known mirror-symmetric or ``cfg.mirror`` is True (False: never), and a validation split that leaves most of a
+    small training set to train on. Returns (config, notes)."""
+    import dataclasses
+
+    notes = []
+    mirror = getattr(cfg, "mirror", None)
+    allowed = bool(getattr(data, "mirror_symmetric", True)) if mirror is None else bool(mirror)
+    ops = [o for o in str(cfg.augment).split(",") if o and o != "none"]
+    if not allowed and ("flip" in ops or cfg.tta):
+        kept = ",".join(o for o in ops if o != "flip") or "none"
+        cfg = dataclasses.replace(cfg, augment=kept, tta=False)
+        notes.append(f"no mirrored images (the data set is not known to look the same mirrored; --mirror to allow "
+                     f"them): augment {kept}, no mirrored test-time views")
+    if cfg.val_size and cfg.val_size * 2 >= n_train:
+        val = n_train // 6
+        notes.append(f"validation split {val:,} of the {n_train:,} training images (asked for {cfg.val_size:,})")
+        cfg = dataclasses.replace(cfg, val_size=val)
+    return cfg, notes
