@@ -333,9 +333,9 @@ def test_a_small_upload_waits_for_one_large_image_not_for_a_whole_batch(trained_
     order = []
     real = inference.prepare_upload
 
-    def recording(p, data, max_pixels):
+    def recording(p, data, max_pixels, **limits):
         order.append("small" if data == garment_png else "big")
-        return real(p, data, max_pixels)
+        return real(p, data, max_pixels, **limits)
 
     monkeypatch.setattr(inference, "prepare_upload", recording)
     big = encode(Image.fromarray(_photo(1500, 1200)).convert("RGB"))
@@ -487,7 +487,8 @@ def test_too_many_connections_get_503(trained_run):
 def test_trickling_uploads_do_not_stop_ordinary_requests(trained_run, garment_png):
     """40 connections sending their bodies a byte at a time; with --max-concurrency 4 (as in the report where
     four such sockets made every prediction get 503), ordinary predictions are still answered."""
-    with _server(trained_run, max_concurrency=4) as (url, app):
+    with _server(trained_run, max_concurrency=4, max_uploads_per_client=64,
+                 max_connections_per_client=64) as (url, app):
         tricklers = []
         try:
             for _ in range(40):

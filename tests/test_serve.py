@@ -401,7 +401,7 @@ def test_saturated_server_answers_503_with_retry_after(trained_run, garment_png,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inference, "prepare_upload", slow)
-    with local_client(create_app(trained_run, max_concurrency=1)) as c:
+    with local_client(create_app(trained_run, max_concurrency=1, decode_workers=0)) as c:
         first = {}
         t = threading.Thread(target=lambda: first.setdefault("r", post_image(c, garment_png)))
         t.start()

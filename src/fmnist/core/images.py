@@ -25,10 +25,17 @@ import warnings
 
 from PIL import Image, ImageOps
 
-__all__ = ["ImageError", "ImageTooLarge", "MAX_PIXELS", "SUPPORTED_FORMATS", "decode_image"]
+__all__ = ["ImageError", "ImageTooCostly", "ImageTooLarge", "MAX_DECODE_WORK", "MAX_FRAMES", "MAX_PIXELS",
+           "SUPPORTED_FORMATS", "decode_image", "decode_work"]
 
 #: Largest accepted width*height by default: 40 megapixels (an 8000x5000 photo; phones take 12-48 MP).
 MAX_PIXELS = 40_000_000
+#: Largest accepted decoding work by default, in pixel-passes: width*height times the passes the decoder makes
+#: over them (a progressive JPEG's scans; 1 for every other image). A 40-megapixel progressive photo has 10
+#: scans; one scan of a megapixel costs the decoder about 1 ms of CPU, so this bounds a decode near 0.5 s.
+MAX_DECODE_WORK = 10 * MAX_PIXELS
+#: Most frames (animated GIF, PNG or WebP, pages of a TIFF) an upload may declare; only the first is decoded.
+MAX_FRAMES = 1_000
 
 #: Pillow format names we let parse untrusted data. "MPO" is how Pillow names the multi-picture JPEGs that
 #: many phones write; it decodes as an ordinary JPEG.
@@ -86,6 +93,11 @@ class ImageTooLarge(ImageError):
     status = 413
 
 
+class ImageTooCostly(ImageTooLarge):
+    """Decoding the image would cost more than allowed (too many progressive scans, frames, or pixels times
+    passes), found from its structure before any pixel is decoded."""
+
+
 def _sniff_unsupported(head: bytes) -> str | None:
     for magic, name in _KNOWN_UNSUPPORTED:
         if head.startswith(magic):
@@ -110,6 +122,9 @@ def _sniff_unsupported(head: bytes) -> str | None:
 #: animated PNG two per frame, a large PNG one per 8-64 KB of data).
 MAX_PNG_CHUNKS = 10_000
 MAX_JPEG_MARKERS = 1_000
+#: GIF data sub-blocks walked before giving up (an 8 MB GIF of full 255-byte blocks has 33,000).
+MAX_GIF_BLOCKS = 200_000
+_SOS = b"\xff\xda"
 
 
 def _too_many_parts(data: bytes) -> str | None:
@@ -124,15 +139,113 @@ def _too_many_parts(data: bytes) -> str | None:
                 return f"the PNG has more than {MAX_PNG_CHUNKS:,} chunks"
             pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
     elif data.startswith(b"\xff\xd8"):
-        pos, count = 2, 0
-        while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0xDA:  # up to the image data
-            count += 1
-            if count > MAX_JPEG_MARKERS:
-                return f"the JPEG has more than {MAX_JPEG_MARKERS:,} markers before its image data"
-            marker = data[pos + 1]
-            standalone = marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01  # fill byte, RSTn, SOI, TEM
-            pos += 1 if marker == 0xFF else 2 if standalone else 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if _first_scan(data) < 0:
+            return f"the JPEG has more than {MAX_JPEG_MARKERS:,} markers before its image data"
     return None
+
+
+def _first_scan(data: bytes) -> int:
+    """Offset of a JPEG's first start-of-scan marker (len(data) when there is none), -1 past the marker limit."""
+    pos, count = 2, 0
+    while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0xDA:  # up to the image data
+        count += 1
+        if count > MAX_JPEG_MARKERS:
+            return -1
+        marker = data[pos + 1]
+        standalone = marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01  # fill byte, RSTn, SOI, TEM
+        pos += 1 if marker == 0xFF else 2 if standalone else 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return pos
+
+
+def _passes(data: bytes, fmt: str) -> int:
+    """How many times the decoder goes over the pixels: a JPEG's scans (a progressive one has several, and a
+    crafted one thousands), 1 for the other formats.
+
+    Inside a JPEG's entropy-coded data a 0xFF byte is always followed by 0x00, a restart marker or a real
+    marker, so every ``FF DA`` from the first scan on starts a scan (one in trailing data or a second MPO
+    picture counts too, which errs on the safe side); the count runs in C, a millisecond for 8 MB."""
+    if fmt in ("JPEG", "MPO"):
+        start = _first_scan(data)
+        return max(1, data.count(_SOS, max(start, 0)))
+    return 1
+
+
+def _frames(data: bytes, fmt: str, limit: int) -> int:
+    """The frames (or TIFF pages) the file declares, counted from its structure up to ``limit + 1``."""
+    count = 0
+    if fmt == "PNG":
+        pos = 8
+        while pos + 8 <= len(data) and count <= limit and data[pos + 4:pos + 8] != b"IEND":
+            count += data[pos + 4:pos + 8] == b"fcTL"
+            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    elif fmt == "GIF":
+        count = _gif_frames(data, limit)
+    elif fmt == "WEBP":
+        pos = 12
+        while pos + 8 <= len(data) and count <= limit:
+            count += data[pos:pos + 4] == b"ANMF"
+            size = int.from_bytes(data[pos + 4:pos + 8], "little")
+            pos += 8 + size + (size & 1)
+    elif fmt == "TIFF":
+        little = data[:2] == b"II"
+        order = "little" if little else "big"
+        big = int.from_bytes(data[2:4], order) == 43  # BigTIFF: 8-byte offsets and counts
+        offset = int.from_bytes(data[8:16] if big else data[4:8], order)
+        seen = set()
+        while 0 < offset < len(data) and offset not in seen and count <= limit:
+            seen.add(offset)
+            count += 1
+            width = 8 if big else 2
+            entries = int.from_bytes(data[offset:offset + width], order)
+            nxt = offset + width + entries * (20 if big else 12)
+            offset = int.from_bytes(data[nxt:nxt + (8 if big else 4)], order)
+    return max(count, 1)
+
+
+def _gif_frames(data: bytes, limit: int) -> int:
+    """Image descriptors of a GIF, walking its blocks (at most ``MAX_GIF_BLOCKS`` data sub-blocks)."""
+    if len(data) < 13:
+        return 1
+    pos = 13
+    if data[10] & 0x80:
+        pos += 3 << ((data[10] & 7) + 1)
+    count = blocks = 0
+    while pos < len(data) and count <= limit:
+        kind = data[pos]
+        if kind == 0x3B:  # trailer
+            break
+        if kind == 0x2C:  # image descriptor, then an optional colour table and the LZW code size
+            count += 1
+            if pos + 10 > len(data):
+                break
+            flags = data[pos + 9]
+            pos += 10 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0) + 1
+        elif kind == 0x21:  # extension: label, then sub-blocks
+            pos += 2
+        else:
+            break
+        while pos < len(data) and data[pos]:  # sub-blocks until the zero-length terminator
+            blocks += 1
+            if blocks > MAX_GIF_BLOCKS:
+                return limit + 1
+            pos += 1 + data[pos]
+        pos += 1
+    return count
+
+
+def _check_work(data: bytes, im: Image.Image, max_work: int, max_frames: int) -> None:
+    fmt = im.format or ""
+    passes = _passes(data, fmt)
+    work = im.width * im.height * passes
+    if work > max_work:
+        what = f"{passes:,} progressive scans of {im.width}x{im.height} pixels" if passes > 1 else \
+            f"{im.width}x{im.height} pixels"
+        raise ImageTooCostly(f"image too costly to decode: {what} = {work:,} pixel-passes (the limit is "
+                             f"{max_work:,}); please upload a smaller or plainer image")
+    frames = _frames(data, fmt, max_frames)
+    if frames > max_frames:
+        raise ImageTooCostly(f"image too costly to decode: more than {max_frames:,} frames (the limit); "
+                             "please upload a still image")
 
 
 def _bomb(max_pixels: int) -> ImageTooLarge:
@@ -195,19 +308,24 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
-                 max_pixels: int = MAX_PIXELS) -> Image.Image:
+                 max_pixels: int = MAX_PIXELS, max_work: int = MAX_DECODE_WORK,
+                 max_frames: int = MAX_FRAMES) -> Image.Image:
     """Decode untrusted image bytes (or a file path) into a fully loaded Pillow image.
 
     Returns the first frame, EXIF orientation applied, in the file's own mode (``L``, ``RGB``, ``RGBA``,
     ``P``, ``I;16``, ``CMYK``, ...): :func:`fmnist.core.preprocess.to_dataset_format` takes any of them.
 
     Raises :class:`ImageTooLarge` if ``width * height > max_pixels`` (checked from the header, before
-    decoding), and :class:`ImageError` for anything that is not a decodable PNG/JPEG/BMP/GIF/WebP/TIFF
+    decoding), :class:`ImageTooCostly` if decoding would cost more than ``max_work`` pixel-passes (pixels
+    times a progressive JPEG's scans) or the file declares more than ``max_frames`` frames (both counted from
+    its structure, before decoding), and :class:`ImageError` for anything that is not a decodable PNG/JPEG/BMP/GIF/WebP/TIFF
     image.
     """
     data = _as_bytes(data)
     if max_pixels is None or max_pixels <= 0:
         raise ValueError("max_pixels must be a positive integer")
+    if max_work is None or max_work <= 0 or max_frames is None or max_frames <= 0:
+        raise ValueError("max_work and max_frames must be positive integers")
 
     im = None
     try:
@@ -221,6 +339,7 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
             else:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = _open(data, max_pixels)
+            _check_work(data, im, max_work, max_frames)
             try:
                 # First frame of animated GIF/WebP/APNG/multi-page TIFF (open() leaves us on it; be explicit).
                 # Not n_frames: for GIF and TIFF it walks every frame, and a few MB can hold 300,000 of them.

@@ -9,6 +9,7 @@ hold no inference slot. Decoding and inference run off the event loop on ``threa
 running the model (PyTorch or ONNX Runtime, ``--backend``) on one thread, one upload at a time, and images ready while the workers are busy are served
 together by one model call (:mod:`fmnist.apps.serve.batching`). Every error, from any layer, is JSON.
 """
+import asyncio
 import functools
 import gc
 import json
@@ -33,9 +34,11 @@ from fmnist.apps.serve.inference import UploadError, jsonable, single_threaded_c
 from fmnist.apps.serve.limits import (
     BodySizeLimit,
     BodyWatch,
+    ClientGate,
     Gate,
     HostAllowList,
     JsonErrors,
+    client_address,
     multipart_boundary,
 )
 from fmnist.apps.serve.settings import Settings
@@ -117,6 +120,7 @@ def create_app(run_dir, **settings) -> FastAPI:
     app.state.settings = s
     app.state.gate = Gate(s.max_concurrency, "predictions")
     app.state.uploads = Gate(s.max_uploads, "uploads")
+    app.state.client_uploads = ClientGate(s.max_uploads_per_client, "uploads")
     # Outermost last: JsonErrors, then the Host check, then the body limit.
     app.add_middleware(BodySizeLimit, max_body=s.max_body)
     app.add_middleware(HostAllowList, hosts=s.allowed_hosts)
@@ -152,11 +156,26 @@ async def _lifespan(app: FastAPI):
     gc.collect()
     gc.freeze()
     app.state.predictor = predictor
-    app.state.batcher = Batcher(predictor, s.max_pixels, workers=s.threads, max_images=max(64, s.max_batch))
+    decoder = None
+    if s.decode_workers:
+        from fmnist.apps.serve.decoding import DecodePool
+
+        decoder = DecodePool(s.decode_workers, s.decode_timeout, s.max_pixels, s.max_decode_work, s.max_frames,
+                             s.max_request_pixels)
+        decoder.start()
+    app.state.decoder = decoder
+    app.state.batcher = Batcher(predictor, s.max_pixels, workers=s.threads, max_images=max(64, s.max_batch),
+                                decoder=decoder, max_request_pixels=s.max_request_pixels,
+                                max_decode_work=s.max_decode_work, max_frames=s.max_frames)
     app.state.model_info = json.dumps(jsonable(_model_info(predictor, s))).encode()
-    log.info("serving %s (%s on %s), threshold %.2f, %d worker thread(s)", s.run_dir, predictor.run.model_name,
-             predictor.backend.name, predictor.confidence_threshold, s.threads)
-    yield
+    log.info("serving %s (%s on %s), threshold %.2f, %d worker thread(s), %d decoding process(es)", s.run_dir,
+             predictor.run.model_name, predictor.backend.name, predictor.confidence_threshold, s.threads,
+             s.decode_workers)
+    try:
+        yield
+    finally:
+        if decoder is not None:
+            decoder.close()
 
 
 def _warm_up(predictor) -> None:
@@ -175,7 +194,11 @@ def _model_info(predictor, s: Settings) -> dict:
         verdicts=VERDICT_TEXTS,
         candidate_sets=_candidate_sets_info(predictor.run.conformal),
         limits={"max_body_bytes": s.max_body, "max_pixels": s.max_pixels, "max_batch": s.max_batch,
-                "max_concurrency": s.max_concurrency, "max_uploads": s.max_uploads, "threads": s.threads},
+                "max_concurrency": s.max_concurrency, "max_uploads": s.max_uploads, "threads": s.threads,
+                "max_decode_work": s.max_decode_work, "max_frames": s.max_frames,
+                "max_request_pixels": s.max_request_pixels, "decode_timeout_s": s.decode_timeout,
+                "max_uploads_per_client": s.max_uploads_per_client,
+                "max_connections_per_client": s.max_connections_per_client},
     )
     return info
 
@@ -207,8 +230,20 @@ class _PredictRoute(APIRoute):
                 raise HTTPException(415, f"unsupported content type ({shown}): send the image as "
                                          "multipart/form-data in a field named 'file'")
             uploads: Gate = request.app.state.uploads
-            uploads.enter()
-            watch = BodyWatch(request.receive, multipart_boundary(ctype), uploads.leave)
+            mine: ClientGate = request.app.state.client_uploads
+            client = client_address(request.scope, request.app.state.settings.trusted_proxies)
+            mine.enter(client)  # first: a client over its own share does not take a slot of the others'
+            try:
+                uploads.enter()
+            except HTTPException:
+                mine.leave(client)
+                raise
+
+            def leave():
+                uploads.leave()
+                mine.leave(client)
+
+            watch = BodyWatch(request.receive, multipart_boundary(ctype), leave)
             try:
                 return await handler(Request(request.scope, watch.receive))
             except HTTPException as e:
@@ -247,7 +282,7 @@ def _predict_router() -> APIRouter:
         if count > 1:
             raise HTTPException(400, f"{count} 'file' fields: /api/predict classifies one image; send several "
                                      "to /api/predict/batch")
-        results = await _classify(request.app, [file])
+        results = await _classify(request, [file])
         return _json(results[0])
 
     @router.post("/predict/batch", response_model=None, responses={200: {"model": list[Prediction]}, **ERRORS},
@@ -261,13 +296,15 @@ def _predict_router() -> APIRouter:
         limit = request.app.state.settings.max_batch
         if len(file) > limit:
             raise HTTPException(413, f"too many images: {len(file)} (the limit is {limit} per request)")
-        return _json(await _classify(request.app, file))
+        return _json(await _classify(request, file))
 
     return router
 
 
-async def _classify(app: FastAPI, files: list[UploadFile]) -> list[dict]:
-    """The results for a request whose body is in: it takes an in-flight slot now (503 when none is free)."""
+async def _classify(request: Request, files: list[UploadFile]) -> list[dict]:
+    """The results for a request whose body is in: it takes an in-flight slot now (503 when none is free).
+    If the client goes away meanwhile, its work is cancelled (a decoding in progress is killed)."""
+    app = request.app
     gate: Gate = app.state.gate
     gate.enter()
     try:
@@ -275,11 +312,32 @@ async def _classify(app: FastAPI, files: list[UploadFile]) -> list[dict]:
         for f in files:
             uploads.append(((f.filename or "upload")[:100], await f.read()))
             await f.close()  # its spooled copy is no longer needed: free it now, not after the answer
-        return await app.state.batcher.submit(uploads)
+        work = asyncio.ensure_future(app.state.batcher.submit(uploads))
+        gone = asyncio.ensure_future(_client_gone(request.receive))
+        try:
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():  # the client has gone (or this request was cancelled): stop its work
+                work.cancel()
+        if not work.done() or work.cancelled():
+            raise ClientGone
+        return work.result()
     except UploadError as e:
         raise HTTPException(e.status, e.detail) from None
     finally:
         gate.leave()
+
+
+class ClientGone(HTTPException):
+    def __init__(self):
+        super().__init__(400, "the client has gone")
+
+
+async def _client_gone(receive) -> None:
+    """Returns when the client disconnects (the body is in: receive() now waits for that alone)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _json(data) -> Response:

@@ -24,9 +24,14 @@ log = logging.getLogger("fmnist.apps.serve")
 
 
 class Batcher:
-    def __init__(self, predictor, max_pixels: int, workers: int = 1, max_images: int = 64):
+    def __init__(self, predictor, max_pixels: int, workers: int = 1, max_images: int = 64, decoder=None,
+                 max_request_pixels: int | None = None, max_decode_work: int | None = None,
+                 max_frames: int | None = None):
         self.predictor = predictor
         self.max_pixels = max_pixels
+        self.decoder = decoder  # a DecodePool (decoding in worker processes, with a deadline), or None
+        self.max_request_pixels = max_request_pixels
+        self.limits = {k: v for k, v in (("max_work", max_decode_work), ("max_frames", max_frames)) if v}
         self.workers = workers
         self.max_images = max_images  # per model call; a bigger single request still goes alone
         # A job first waits its turn here (FIFO: in the order jobs were queued), then runs on a thread.
@@ -40,11 +45,19 @@ class Batcher:
         """The API results for one request's (name, bytes) uploads; raises its :class:`~inference.UploadError`
         (that of its first upload that fails, naming it when there are several)."""
         images = []
+        left = self.max_request_pixels
         for i, (name, data) in enumerate(uploads):
             try:
+                if self.decoder is not None:
+                    image, pixels = await self.decoder.prepare(data, left if left is not None else 1 << 62)
+                    images.append(image)
+                    if left is not None:
+                        left -= pixels
+                    continue
                 async with self.limiter:
-                    images.append(await anyio.to_thread.run_sync(
-                        inference.prepare_upload, self.predictor, data, self.max_pixels, limiter=self._threads))
+                    job = functools.partial(inference.prepare_upload, self.predictor, data, self.max_pixels,
+                                            **self.limits)
+                    images.append(await anyio.to_thread.run_sync(job, limiter=self._threads))
             except Exception as e:  # noqa: BLE001 - inference.upload_error sorts the upload's faults from bugs
                 raise inference.upload_error(e, name, many=len(uploads) > 1, index=i) from None
         outcome = await self._classify(images)

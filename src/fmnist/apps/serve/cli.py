@@ -33,6 +33,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help=f"largest image in pixels (width*height), checked before decoding "
                         f"(default: {d.max_pixels:,})")
+    p.add_argument("--max-decode-work", type=int, default=d.max_decode_work,
+                   help=f"largest decoding work per image in pixel-passes (width*height times a progressive "
+                        f"JPEG's scans), checked before decoding; more get 413 (default: {d.max_decode_work:,})")
+    p.add_argument("--max-frames", type=int, default=d.max_frames,
+                   help=f"most frames or pages an upload may declare (only the first is decoded); more get 413 "
+                        f"(default: {d.max_frames:,})")
+    p.add_argument("--max-request-pixels", type=int, default=d.max_request_pixels,
+                   help=f"pixels decoded for one request, all its images together; past it 413 "
+                        f"(default: {d.max_request_pixels:,})")
+    p.add_argument("--decode-timeout", type=float, default=d.decode_timeout,
+                   help=f"seconds one image may take to decode and prepare; then its decoding process is "
+                        f"killed and the upload gets 422 (default: {d.decode_timeout:g})")
+    p.add_argument("--decode-workers", type=int, default=d.decode_workers,
+                   help=f"decoding processes; 0 decodes on the inference threads, with no deadline and no "
+                        f"per-request budget (default: {d.decode_workers})")
     p.add_argument("--max-concurrency", type=int, default=d.max_concurrency,
                    help=f"prediction requests in progress at once, counted from when their body is in; more "
                         f"get 503 with Retry-After (default: {d.max_concurrency})")
@@ -41,6 +56,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: {d.max_uploads})")
     p.add_argument("--max-connections", type=int, default=d.max_connections,
                    help=f"open connections; more are answered 503 and closed (default: {d.max_connections})")
+    p.add_argument("--max-connections-per-client", type=int, default=d.max_connections_per_client,
+                   help=f"open connections from one client address; more are answered 503 and closed "
+                        f"(default: {d.max_connections_per_client})")
+    p.add_argument("--max-uploads-per-client", type=int, default=d.max_uploads_per_client,
+                   help=f"prediction requests receiving their body at once from one client address; more "
+                        f"get 503 (default: {d.max_uploads_per_client})")
+    p.add_argument("--trusted-proxies", default="", metavar="IP[,IP...]",
+                   help="addresses of reverse proxies in front of the server: their X-Forwarded-For names the "
+                        "client for the per-client limits, and their connections are not capped per client "
+                        "(default: none; the header is ignored)")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"images per /api/predict/batch request (default: {d.max_batch})")
     p.add_argument("--threads", type=int, default=d.threads,
@@ -85,6 +110,8 @@ def settings_from_args(args) -> Settings:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     values["max_body"] = body_bytes(args.max_body_mb)
+    if hasattr(args, "trusted_proxies"):
+        values["trusted_proxies"] = tuple(h.strip() for h in args.trusted_proxies.split(",") if h.strip())
     hosts = args.allowed_hosts
     values["allowed_hosts"] = (tuple(h for h in hosts.split(",") if h.strip()) if hosts is not None
                                else default_allowed_hosts(args.host))

@@ -44,9 +44,10 @@ class UploadError(Exception):
         self.detail = detail
 
 
-def prepare_upload(predictor, data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode one upload and prepare it: the uint8 (28, 28) image the model sees. Raises what failed."""
-    image = decode_image(data, max_pixels=max_pixels)
+def prepare_upload(predictor, data: bytes, max_pixels: int, **limits) -> np.ndarray:
+    """Decode one upload and prepare it: the uint8 (28, 28) image the model sees. Raises what failed.
+    ``limits``: ``max_work``, ``max_frames`` of :func:`~fmnist.core.images.decode_image`."""
+    image = decode_image(data, max_pixels=max_pixels, **limits)
     pixels = image.width * image.height
     try:
         return predictor.to_image28(image)

@@ -178,6 +178,48 @@ class Gate:
         self.active -= 1
 
 
+class ClientGate:
+    """Like :class:`Gate`, per client address: refuses a client's new request past ``limit`` of its own in
+    progress, so that one client's slow uploads leave room for the others."""
+
+    def __init__(self, limit: int, what: str = "uploads", retry_after: int = 1):
+        self.limit = int(limit)
+        self.what = what
+        self.retry_after = int(retry_after)
+        self.active: dict[str, int] = {}
+
+    def enter(self, client: str) -> None:
+        count = self.active.get(client, 0)
+        if count >= self.limit:
+            raise HTTPException(503, f"too many {self.what} in progress from your address ({self.limit}, the "
+                                     f"limit per client); retry in {self.retry_after} s",
+                                headers={"Retry-After": str(self.retry_after)})
+        self.active[client] = count + 1
+
+    def leave(self, client: str) -> None:
+        count = self.active.get(client, 0) - 1
+        if count > 0:
+            self.active[client] = count
+        else:
+            self.active.pop(client, None)
+
+
+def client_address(scope, trusted_proxies=()) -> str:
+    """Who sent a request, for the per-client limits: the TCP peer's address; behind a trusted proxy (the
+    peer is one of ``trusted_proxies``), the right-most address of ``X-Forwarded-For`` that is not itself a
+    trusted proxy. The header is ignored from any other peer: a client could write anything there."""
+    peer = scope.get("client")
+    address = str(peer[0]) if peer else "unknown"
+    if address not in trusted_proxies:
+        return address
+    forwarded = b",".join(v for k, v in scope.get("headers", ()) if k == b"x-forwarded-for")
+    for hop in reversed(forwarded.decode("latin-1").split(",")):
+        hop = hop.strip()
+        if hop and hop not in trusted_proxies:
+            return hop[:64]
+    return address
+
+
 def multipart_boundary(content_type: str) -> bytes | None:
     """The ``boundary`` parameter of a multipart Content-Type, or None."""
     message = email.message.Message()

@@ -5,7 +5,8 @@ header lines), sets no timer before a request's headers or body are complete (on
 kept a connection open for good, or a connection that sends nothing at all), and answers malformed requests
 in plain text. :func:`protocol_class` adds, per connection:
 
-* a cap on open connections (503 and close past ``max_connections``);
+* a cap on open connections (503 and close past ``max_connections``), and on those of one client address
+  (past ``max_connections_per_client``; a trusted proxy's connections are not capped per client);
 * header size and count limits (431 and close);
 * a header timer (408 and close): from the connection's start, or a keep-alive request's first byte, to the
   end of its headers; it also closes connections that never send anything;
@@ -33,6 +34,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     the subclass that :func:`protocol_class` makes)."""
 
     settings = None
+    per_client: dict = {}  # open connections by client address (each server's subclass has its own)
 
     def connection_made(self, transport) -> None:
         self._timer = None
@@ -41,16 +43,33 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = self._raw_head_bytes = 0
         self._header_count = 0
         self._problem: tuple[int, str] | None = None
+        self._peer = None
         super().connection_made(transport)
         limit = self.settings.max_connections
         if len(self.connections) > limit:
             self._refuse(503, f"server busy: {limit} connections already open; retry in 1 s",
                          [(b"retry-after", b"1")])
             return
+        peer = str(self.client[0]) if self.client else None
+        if peer is not None and peer not in self.settings.trusted_proxies:
+            self._peer = peer
+            count = self.per_client[peer] = self.per_client.get(peer, 0) + 1
+            limit = self.settings.max_connections_per_client
+            if count > limit:
+                self._refuse(503, f"too many connections from your address ({limit}, the limit per client); "
+                                  "retry in 1 s", [(b"retry-after", b"1")])
+                return
         self._arm(self.settings.header_timeout, self._head_timed_out)
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        if self._peer is not None:
+            count = self.per_client.get(self._peer, 0) - 1
+            if count > 0:
+                self.per_client[self._peer] = count
+            else:
+                self.per_client.pop(self._peer, None)
+            self._peer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -157,7 +176,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 def protocol_class(settings) -> type[LimitedHttpToolsProtocol]:
     """The protocol class uvicorn should use (its ``http`` setting) for a server with these settings."""
-    return type("FmnistHttpProtocol", (LimitedHttpToolsProtocol,), {"settings": settings})
+    return type("FmnistHttpProtocol", (LimitedHttpToolsProtocol,), {"settings": settings, "per_client": {}})
 
 
 def uvicorn_config(app, host: str, port: int, **overrides):
@@ -165,7 +184,9 @@ def uvicorn_config(app, host: str, port: int, **overrides):
     import uvicorn
 
     s = app.state.settings
+    # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any local peer as the client's
+    # address, and a client could pick its own; the per-client limits read it from trusted proxies only.
     options = dict(host=host, port=port, http=protocol_class(s), timeout_keep_alive=s.keep_alive_timeout,
-                   timeout_graceful_shutdown=10)
+                   timeout_graceful_shutdown=10, proxy_headers=False)
     options.update(overrides)
     return uvicorn.Config(app, **options)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from fmnist.core.images import MAX_PIXELS
+from fmnist.core.images import MAX_DECODE_WORK, MAX_FRAMES, MAX_PIXELS
 
 #: Host names every server answers to (a server bound to another address answers to that one too).
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -23,9 +23,17 @@ class Settings:
     run_dir: Path | None = None
     max_body: int = 8_000_000  # bytes per request body
     max_pixels: int = MAX_PIXELS  # width*height per image, checked before decoding
+    max_decode_work: int = MAX_DECODE_WORK  # pixels times passes (progressive scans) per image, before decoding
+    max_frames: int = MAX_FRAMES  # frames or pages an upload may declare (only the first is decoded)
+    max_request_pixels: int = 4 * MAX_PIXELS  # pixels decoded for one request, all its images together
+    decode_timeout: float = 5.0  # seconds one image may take to decode and prepare; then its worker is killed
+    decode_workers: int = 1  # decoding processes (0: decode on the inference threads, with no deadline)
     max_concurrency: int = 32  # predict requests with their body received, in flight before 503
     max_uploads: int = 64  # predict requests receiving their body at once, before 503
     max_connections: int = 256  # open connections; more are answered 503 and closed
+    max_connections_per_client: int = 32  # open connections from one client address
+    max_uploads_per_client: int = 8  # predict requests receiving their body at once from one client address
+    trusted_proxies: tuple[str, ...] = ()  # peer addresses whose X-Forwarded-For names the client
     threshold: float | None = None  # confidence under which answers are refused (None: the run's own)
     ood_threshold: float | None = None  # OOD score above which images are refused (None: the run's own)
     threads: int = 1  # inference worker threads
@@ -41,12 +49,23 @@ class Settings:
 
     def __post_init__(self):
         for name in ("max_body", "max_pixels", "max_concurrency", "max_uploads", "max_connections", "threads",
-                     "max_batch", "max_header_bytes", "max_headers"):
+                     "max_batch", "max_header_bytes", "max_headers", "max_decode_work", "max_frames",
+                     "max_request_pixels", "max_connections_per_client", "max_uploads_per_client"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{_flag(name)} must be a whole number >= 1, got {value!r}")
-        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "decode_timeout"):
             _check_positive(getattr(self, name), _flag(name))
+        workers = self.decode_workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
+            raise ValueError(f"--decode-workers must be a whole number from 0 to 64, got {workers!r}")
+        proxies = []
+        for proxy in ((self.trusted_proxies,) if isinstance(self.trusted_proxies, str) else self.trusted_proxies):
+            try:
+                proxies.append(str(ipaddress.ip_address(normalize_host(proxy))))
+            except ValueError:
+                raise ValueError(f"--trusted-proxies takes IP addresses, got {proxy!r}") from None
+        object.__setattr__(self, "trusted_proxies", tuple(proxies))
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:  # NaN fails this too
             raise ValueError(f"--threshold must be between 0 and 1, got {self.threshold}")
         if self.ood_threshold is not None and not math.isfinite(self.ood_threshold):
