@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import re
 import socket
-import threading
 import time
 import warnings
 from contextlib import contextmanager

@@ -233,3 +233,36 @@ def test_predict_on_an_idx_file_batches_the_model_calls(trained_run, idx_dir, ca
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 300 and lines[0]["file"].endswith("[0]") and lines[-1]["file"].endswith("[299]")
     assert calls == [256, 44]  # two model calls, not one per image
+
+
+def test_bad_input_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    from fmnist.core.errors import CheckpointError, FmnistError
+
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fmnist evaluate: error: ") and err.count("\n") == 1
+    with pytest.raises(CheckpointError) as caught:
+        main(["--debug", "evaluate", str(tmp_path / "missing")])
+    assert isinstance(caught.value, FmnistError)
+
+
+def test_a_bug_is_not_reported_as_bad_input(monkeypatch):
+    """Anything but an FmnistError is a bug: it propagates (a traceback, exit status 1), never one line."""
+    import argparse
+
+    import fmnist.apps.cli as cli
+
+    def broken(args):
+        raise ValueError("a bug")
+
+    args = argparse.Namespace(func=broken, command="evaluate", debug=False)
+    monkeypatch.setattr(cli, "build_parser", lambda: argparse.Namespace(parse_args=lambda argv: args))
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["evaluate", "x"])
+
+
+def test_help_documents_the_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "exit status" in out and "--debug" in out

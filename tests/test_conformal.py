@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fmnist.core import conformal as C
+from fmnist.core import verdict as V
 
 N_CAL, N_TEST, TARGET = 5000, 20000, 0.95
 # Coverage varies with the test sample (binomial) and with the calibration sample (the quantile's own
@@ -214,42 +215,42 @@ def mask(*ids):
 
 
 def test_verdict_answer_and_uncertain():
-    assert C.verdict(False, False, CONFIDENT, 0.6, mask(0)) == ("answer", None, [0])
-    assert C.verdict(False, False, UNSURE, 0.6, mask(1, 0)) == ("uncertain", "low_confidence", [0, 1])
+    assert V.verdict(False, False, CONFIDENT, 0.6, mask(0)) == ("answer", None, [0])
+    assert V.verdict(False, False, UNSURE, 0.6, mask(1, 0)) == ("uncertain", "low_confidence", [0, 1])
     # A one-label set under the threshold still says "not sure": the runner-up joins it.
-    assert C.verdict(False, False, UNSURE, 0.6, mask(0)) == ("uncertain", "low_confidence", [0, 1])
+    assert V.verdict(False, False, UNSURE, 0.6, mask(0)) == ("uncertain", "low_confidence", [0, 1])
     # Exactly at the threshold is an answer (>=), as seed B's rule.
-    assert C.verdict(False, False, UNSURE, 0.5, mask(0))[0] == "answer"
+    assert V.verdict(False, False, UNSURE, 0.5, mask(0))[0] == "answer"
     # A run without conformal parameters: the same verdicts, no candidates.
-    assert C.verdict(False, False, CONFIDENT, 0.6) == ("answer", None, None)
-    assert C.verdict(False, False, UNSURE, 0.6) == ("uncertain", "low_confidence", None)
+    assert V.verdict(False, False, CONFIDENT, 0.6) == ("answer", None, None)
+    assert V.verdict(False, False, UNSURE, 0.6) == ("uncertain", "low_confidence", None)
 
 
 def test_a_non_garment_is_refused_never_uncertain():
     for probs in (CONFIDENT, UNSURE):
-        assert C.verdict(False, True, probs, 0.6, mask(0, 1)) == ("refused", "out_of_distribution", None)
-    assert C.verdict(True, True, UNSURE, 0.6, mask(0, 1)) == ("refused", "blank", None)
-    assert C.verdict(True, False, CONFIDENT, 0.6, mask(0)) == ("refused", "blank", None)
+        assert V.verdict(False, True, probs, 0.6, mask(0, 1)) == ("refused", "out_of_distribution", None)
+    assert V.verdict(True, True, UNSURE, 0.6, mask(0, 1)) == ("refused", "blank", None)
+    assert V.verdict(True, False, CONFIDENT, 0.6, mask(0)) == ("refused", "blank", None)
 
 
 def test_nan_scores_are_refused():
     nan = CONFIDENT.copy()
     nan[3] = np.nan
-    assert C.verdict(False, False, nan, 0.6, mask(0)) == ("refused", "invalid_scores", None)
-    assert C.verdict(False, False, np.full(10, np.nan), 0.6, None) == ("refused", "invalid_scores", None)
+    assert V.verdict(False, False, nan, 0.6, mask(0)) == ("refused", "invalid_scores", None)
+    assert V.verdict(False, False, np.full(10, np.nan), 0.6, None) == ("refused", "invalid_scores", None)
     # A NaN OOD score fails the gate; no detector passes everything.
-    assert C.is_ood(float("nan"), 1.0) and C.is_ood(2.0, 1.0)
-    assert not C.is_ood(0.5, 1.0) and not C.is_ood(None, 1.0) and not C.is_ood(0.5, None)
+    assert V.is_ood(float("nan"), 1.0) and V.is_ood(2.0, 1.0)
+    assert not V.is_ood(0.5, 1.0) and not V.is_ood(None, 1.0) and not V.is_ood(0.5, None)
 
 
 def test_verdict_rejects_a_bad_threshold_or_mask():
     # a threshold above 1 is a legitimate "never sure": everything is hedged, nothing refused for it
-    assert C.verdict(False, False, CONFIDENT, 1.01)[0] == "uncertain"
+    assert V.verdict(False, False, CONFIDENT, 1.01)[0] == "uncertain"
     for threshold in (float("nan"), True, "0.6", None):
         with pytest.raises(ValueError, match="threshold"):
-            C.verdict(False, False, CONFIDENT, threshold)
+            V.verdict(False, False, CONFIDENT, threshold)
     with pytest.raises(ValueError, match="classes"):
-        C.verdict(False, False, CONFIDENT, 0.6, np.ones(5, dtype=bool))
+        V.verdict(False, False, CONFIDENT, 0.6, np.ones(5, dtype=bool))
 
 
 def test_served_candidates_keep_the_coverage(params):
@@ -260,7 +261,7 @@ def test_served_candidates_keep_the_coverage(params):
     served = np.zeros_like(masks)
     kinds = []
     for i, (p, m) in enumerate(zip(pt, masks)):
-        kind, _, ids = C.verdict(False, False, p, 0.6, m)
+        kind, _, ids = V.verdict(False, False, p, 0.6, m)
         served[i, ids] = True
         kinds.append(kind)
         assert (served[i] >= m).all() and len(ids) >= (2 if kind == "uncertain" else 1)

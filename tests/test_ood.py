@@ -134,7 +134,7 @@ def test_every_optional_part_fits_scores_and_reloads(tmp_path, id_data):
 
 def test_parts_add_their_evidence_and_older_runs_keep_their_rule(tmp_path, detector, id_data):
     feats, _, pixels, logits = (t[:100] for t in id_data["held_out"])
-    evidence = detector.standardised(feats, pixels, logits)
+    evidence = detector.evidences(feats, pixels, logits)
     np.testing.assert_allclose(detector.score(feats, pixels, logits), sum(evidence.values()), rtol=1e-6, atol=1e-5)
     # Evidence is -log of the share of validation images scoring at least as high (+1 over n+1).
     (vf, _, vp, vl), raw = id_data["val"], detector.part_scores(feats, pixels, logits)

@@ -650,7 +650,7 @@ def _serve_parser():
     import argparse
 
     from fmnist.apps.cli import Formatter
-    from fmnist.apps.serve.cli import register
+    from fmnist.apps.cli.serve import register
 
     parser = argparse.ArgumentParser(prog="fmnist")
     register(parser.add_subparsers(dest="command"), Formatter)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fmnist.core.errors import InputError
 from fmnist.core.runfolder import (
     MODEL_JSON,
     ONNX_FP32,
@@ -31,14 +32,6 @@ INSTALL_HINT = "pip install onnxruntime (or: pip install 'fmnist[serve]')"
 
 
 BACKENDS = ("torch", "onnx", "onnx-int8", "auto")
-
-
-def add_backend_flag(p) -> None:
-    """The ``--backend`` flag of predict, evaluate and serve."""
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="inference engine: torch (PyTorch), onnx (ONNX Runtime on RUN/model.onnx, written by "
-                        "`fmnist export`), onnx-int8 (RUN/model.int8.onnx, `fmnist export --int8`), auto (onnx "
-                        "where exported and installed, else torch) (default: auto)")
 
 
 class Backend(Protocol):
@@ -145,7 +138,7 @@ class OnnxBackend:
         """x: float32 (N, 1, 28, 28), already normalised -> (features (N, D), logits (N, C)), float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != (1, self.size, self.size):
-            raise ValueError(f"expected images of shape (N, 1, {self.size}, {self.size}), got {x.shape}")
+            raise InputError(f"expected images of shape (N, 1, {self.size}, {self.size}), got {x.shape}")
         features, logits = self.session.run(list(OUTPUTS), {INPUT: x})
         return features, logits
 
@@ -172,8 +165,8 @@ def _read_checked(path: Path, meta: dict) -> bytes:
         return data
     if sha256(data) != record.get("sha256"):
         raise CheckpointError(f"{path} has changed since it was exported (its SHA-256 is not the one "
-                              f"{run / 'model.json'} records): export the run again (fmnist export {run})")
-    weights = run / "model.safetensors"
+                              f"{run / MODEL_JSON} records): export the run again (fmnist export {run})")
+    weights = run / WEIGHTS
     recorded_weights = meta["onnx"].get("weights_sha256")
     if recorded_weights and weights.is_file() and sha256(weights.read_bytes()) != recorded_weights:
         raise CheckpointError(f"{path} was exported from other weights than {weights} holds now: export the run "

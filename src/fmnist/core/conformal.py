@@ -50,8 +50,8 @@ probabilities is fitted on the same validation split; one number, so the depende
 
 The module is pure NumPy (no torch), so the server, the CLI and the report can all use it. Its parameters are
 a plain JSON-able dict (:func:`fit`, stored in ``model.json["conformal"]``), checked by
-:func:`validate_params` whenever they are loaded. :func:`verdict` turns the gates and the set into one of
-``answer``, ``uncertain`` or ``refused``.
+:func:`validate_params` whenever they are loaded. :func:`fmnist.core.verdict.verdict` turns the gates and
+the set into one of ``answer``, ``uncertain`` or ``refused``.
 """
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ import math
 import numbers
 
 import numpy as np
+
+from fmnist.core.errors import InputError
 
 METHODS = ("aps", "raps")
 DEFAULT_COVERAGE = 0.95
@@ -72,15 +74,15 @@ def check_probs(probs, num_classes: int | None = None, allow_nonfinite: bool = F
     """``probs`` as a float64 (N, C) array of probabilities (rows summing to 1); ValueError otherwise."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] < 2:
-        raise ValueError(f"class probabilities must be an (N, C) array with C >= 2, got shape {p.shape}")
+        raise InputError(f"class probabilities must be an (N, C) array with C >= 2, got shape {p.shape}")
     if num_classes is not None and p.shape[1] != num_classes:
-        raise ValueError(f"class probabilities have {p.shape[1]} classes, the conformal parameters {num_classes}")
+        raise InputError(f"class probabilities have {p.shape[1]} classes, the conformal parameters {num_classes}")
     ok = np.isfinite(p).all(axis=1)
     if not allow_nonfinite and not ok.all():
-        raise ValueError(f"class probabilities hold NaN or infinite values (row {int(np.argmin(ok))})")
+        raise InputError(f"class probabilities hold NaN or infinite values (row {int(np.argmin(ok))})")
     q = p[ok]
     if q.size and ((q < 0).any() or (np.abs(q.sum(axis=1) - 1) > 1e-3).any()):
-        raise ValueError("class probabilities must be non-negative and each row must sum to 1 "
+        raise InputError("class probabilities must be non-negative and each row must sum to 1 "
                          "(pass softmax(logits / temperature), not logits)")
     return p
 
@@ -120,7 +122,7 @@ def quantile(true_scores, coverage: float) -> float:
     # rounding up to the next one.
     k = math.ceil((n + 1) * coverage - 1e-9)
     if k > n:
-        raise ValueError(f"{n} calibration images are too few for {coverage:.1%} coverage "
+        raise InputError(f"{n} calibration images are too few for {coverage:.1%} coverage "
                          f"(need at least {min_calibration_size(coverage)})")
     return float(s[k - 1])
 
@@ -147,7 +149,7 @@ def synthetic(n: int, sharpness: float, seed: int = 0, classes: int = 10) -> tup
 
 def _uniform(rng, n: int):
     if rng is None:
-        raise ValueError("randomised sets need a random generator (rng); served sets are deterministic")
+        raise InputError("randomised sets need a random generator (rng); served sets are deterministic")
     return rng.random(n)
 
 
@@ -167,15 +169,15 @@ def _sets(scores: np.ndarray, probs: np.ndarray, qhat: float) -> np.ndarray:
 def check_labels(labels, num_classes: int, n: int) -> np.ndarray:
     y = np.asarray(labels).reshape(-1)
     if len(y) != n:
-        raise ValueError(f"{len(y)} labels for {n} rows of probabilities")
+        raise InputError(f"{len(y)} labels for {n} rows of probabilities")
     if not np.issubdtype(y.dtype, np.integer) or (n and (y.min() < 0 or y.max() >= num_classes)):
-        raise ValueError(f"labels must be integers in 0..{num_classes - 1}")
+        raise InputError(f"labels must be integers in 0..{num_classes - 1}")
     return y.astype(np.int64)
 
 
 def _check_coverage(coverage) -> float:
     if isinstance(coverage, bool) or not isinstance(coverage, numbers.Real) or not 0 < coverage < 1:
-        raise ValueError(f"coverage must be a number strictly between 0 and 1, got {coverage!r}")
+        raise InputError(f"coverage must be a number strictly between 0 and 1, got {coverage!r}")
     return float(coverage)
 
 
@@ -192,10 +194,10 @@ def fit(probs, labels, coverage: float = DEFAULT_COVERAGE, method: str = "raps",
     y = check_labels(labels, p.shape[1], len(p))
     coverage = _check_coverage(coverage)
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "aps":
         if k_reg not in (None, 0) or lam not in (None, 0):
-            raise ValueError("APS has no penalty: k_reg and lam are for method='raps'")
+            raise InputError("APS has no penalty: k_reg and lam are for method='raps'")
         k_reg, lam = 0, 0.0
     k_reg = RAPS_K_REG if k_reg is None else k_reg
     lam = RAPS_LAMBDA if lam is None else lam
@@ -215,12 +217,12 @@ def fit(probs, labels, coverage: float = DEFAULT_COVERAGE, method: str = "raps",
 def validate_params(params) -> dict:
     """Check conformal parameters (from :func:`fit` or a model.json); ValueError naming the bad field."""
     if not isinstance(params, dict):
-        raise ValueError(f"conformal parameters must be a dict, got {type(params).__name__}")
+        raise InputError(f"conformal parameters must be a dict, got {type(params).__name__}")
 
     def need(key, ok, what):
         v = params.get(key)
         if v is None or not ok(v):
-            raise ValueError(f"conformal parameters: {key} must be {what}, got {v!r}")
+            raise InputError(f"conformal parameters: {key} must be {what}, got {v!r}")
         return v
 
     def integer(lo):
@@ -239,7 +241,7 @@ def validate_params(params) -> dict:
     need("qhat", lambda v: number(v) and 0 <= v <= top, f"a finite number in [0, {top:.6g}]")
     need("n", integer(1), "an integer >= 1")
     if not isinstance(params.get("randomized", False), bool):
-        raise ValueError(f"conformal parameters: randomized must be true or false, got {params['randomized']!r}")
+        raise InputError(f"conformal parameters: randomized must be true or false, got {params['randomized']!r}")
     return dict(params)
 
 
@@ -274,11 +276,11 @@ def set_metrics(masks, labels) -> dict:
     """Coverage, mean size, share of singletons, and per set size its count, share and coverage (for reports)."""
     m = np.asarray(masks, dtype=bool)
     if m.ndim != 2:
-        raise ValueError(f"masks must be a boolean (N, C) array, got shape {m.shape}")
+        raise InputError(f"masks must be a boolean (N, C) array, got shape {m.shape}")
     y = check_labels(labels, m.shape[1], len(m))
     n = len(m)
     if n == 0:
-        raise ValueError("no sets to measure")
+        raise InputError("no sets to measure")
     sizes = m.sum(axis=1)
     covered = m[np.arange(n), y]
     by_size = [{"size": int(k), "count": int((sizes == k).sum()), "share": float((sizes == k).mean()),
@@ -291,56 +293,3 @@ def set_metrics(masks, labels) -> dict:
         "singleton_share": float((sizes == 1).mean()),
         "by_size": by_size,
     }
-
-
-# --- the verdict -------------------------------------------------------------------------------------------
-
-def is_ood(ood_score: float | None, ood_threshold: float | None) -> bool:
-    """The OOD gate: above the threshold, or a NaN score, is not a garment; no detector (None) passes all."""
-    if ood_score is None or ood_threshold is None:
-        return False
-    return not float(ood_score) <= float(ood_threshold)  # written so that NaN fails the gate
-
-
-def verdict(blank: bool, ood: bool, probs_row, threshold: float, candidates=None
-            ) -> tuple[str, str | None, list[int] | None]:
-    """One image's (verdict, reason, candidate class ids) from its gates and calibrated probabilities.
-
-    - ``refused``: a blank image (reason "blank"), probabilities holding NaN ("invalid_scores": the model's
-      output cannot be trusted, so neither can a set), or not a garment ("out_of_distribution"). A refusal
-      never has candidates: naming garments for a picture that is not one would pretend to know.
-    - ``answer`` (reason None): the top calibrated probability is >= ``threshold``. Candidates: the conformal
-      set, which is almost always the answer alone.
-    - ``uncertain`` (reason "low_confidence"): below the threshold. Candidates: the conformal set, widened to
-      the two most likely labels when it holds only one. A single label under "not sure" would read as the
-      answer the threshold has just declined to give, while the calibrated probability says that label is
-      wrong more than 1 - threshold of the time; the runner-up, shown with its own score, is the honest
-      alternative.
-
-    ``candidates`` is the image's row of :func:`candidate_sets` (a boolean mask over classes), or None for a
-    run without conformal parameters: the verdict is then the same and the candidates are None. Served
-    candidates are never smaller than the conformal set, so their coverage is at least the fitted one.
-    """
-    # Any real number: above 1 nothing is confident enough (every answer is hedged), 0 or below everything is.
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
-        raise ValueError(f"the confidence threshold must be a number, got {threshold!r}")
-    p = np.asarray(probs_row, dtype=np.float64).reshape(-1)
-    if blank:
-        return "refused", "blank", None
-    if not np.isfinite(p).all():
-        return "refused", "invalid_scores", None
-    if ood:
-        return "refused", "out_of_distribution", None
-    confident = p.max() >= threshold
-    ids = None
-    if candidates is not None:
-        mask = np.asarray(candidates, dtype=bool).reshape(-1)
-        if mask.shape != p.shape:
-            raise ValueError(f"candidate mask has {mask.size} classes, the probabilities {p.size}")
-        mask = mask.copy()
-        top = np.argsort(-p, kind="stable")
-        mask[top[0]] = True
-        if not confident:
-            mask[top[:2]] = True
-        ids = members(mask, p)
-    return ("answer", None, ids) if confident else ("uncertain", "low_confidence", ids)

@@ -26,7 +26,7 @@ import warnings
 from PIL import Image, ImageOps
 
 __all__ = ["ImageError", "ImageTooCostly", "ImageTooLarge", "MAX_DECODE_WORK", "MAX_FRAMES", "MAX_PIXELS",
-           "SUPPORTED_FORMATS", "decode_image", "decode_work"]
+           "SUPPORTED_FORMATS", "decode_image"]
 
 #: Largest accepted width*height by default: 40 megapixels (an 8000x5000 photo; phones take 12-48 MP).
 MAX_PIXELS = 40_000_000

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist.core.errors import InputError
 from fmnist.core.runfolder import DETECTOR, CheckpointError, load_arrays, save_arrays, sha256
 
 OOD_FORMAT = "fmnist-ood/1"
@@ -226,7 +227,7 @@ class Detector:
         """Raw score of each part (NumPy), in chunks (the orientation score turns each image four ways)."""
         u = _np(pixels).reshape(-1, 28, 28)
         if logits is None and {"energy", "outlier"} & set(self.parts):
-            raise ValueError("this OOD detector's energy and outlier scores need the model's logits")
+            raise InputError("this OOD detector's energy and outlier scores need the model's logits")
         if len(u) > chunk:
             pieces = [self._raw(feats[i:i + chunk], u[i:i + chunk], None if logits is None else logits[i:i + chunk],
                                 chunk) for i in range(0, len(u), chunk)]
@@ -252,7 +253,7 @@ class Detector:
                                           np.zeros(len(t["mahalanobis.means"]), np.float32))
         return {name: np.asarray(v, np.float32) for name, v in out.items()}
 
-    def standardised(self, feats, pixels, logits=None, in_sample: bool = False) -> dict[str, np.ndarray]:
+    def evidences(self, feats, pixels, logits=None, in_sample: bool = False) -> dict[str, np.ndarray]:
         """Each part's score on the common scale the combination adds up: its evidence, -log p-value among the
         validation images (rule ``fisher``; ``in_sample`` for the validation images themselves, see
         :func:`_evidence`), or for older runs (score - validation median) / (95th percentile - median)."""
@@ -274,7 +275,7 @@ class Detector:
         ``feats``: penultimate features, ``pixels``: (N, 28, 28) in [0, 1], ``logits``: the model's (for the
         energy and outlier scores).
         """
-        return self.combine(self.standardised(feats, pixels, logits))
+        return self.combine(self.evidences(feats, pixels, logits))
 
     def check_model(self, feature_dim: int, num_classes: int) -> None:
         """Raise CheckpointError unless the statistics read features and logits of these sizes."""

@@ -16,7 +16,6 @@ holds a temperature;
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -28,6 +27,8 @@ from fmnist.core.images import decode_image
 from fmnist.core.ood import pixels01
 from fmnist.core.preprocess import is_blank, preprocess_array, to_dataset_format
 from fmnist.core.run import Run
+from fmnist.core.runfolder import METRICS
+from fmnist.core.verdict import finite_threshold, is_ood, verdict
 
 
 @dataclass
@@ -38,18 +39,6 @@ class Analysis:
     probs: np.ndarray
     ood: np.ndarray | None
     parts: dict | None = None
-
-
-def _gate(value, name: str) -> float:
-    """A threshold given by the caller, as a finite number: NaN would turn its gate off (every comparison with
-    NaN is false), and so would an infinite OOD threshold. (A confidence threshold above 1 refuses all.)"""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return number
 
 
 class Predictor:
@@ -63,8 +52,8 @@ class Predictor:
         self.top_k = max(1, min(top_k, len(self.class_names)))
         self.detector = run.detector
         self.confidence_threshold = (run.confidence_threshold if confidence_threshold is None
-                                     else _gate(confidence_threshold, "confidence_threshold"))
-        ood_threshold = None if ood_threshold is None else _gate(ood_threshold, "ood_threshold")
+                                     else finite_threshold(confidence_threshold, "confidence_threshold"))
+        ood_threshold = None if ood_threshold is None else finite_threshold(ood_threshold, "ood_threshold")
         self.ood_threshold = (None if self.detector is None else
                               ood_threshold if ood_threshold is not None else self.detector.threshold)
 
@@ -77,7 +66,7 @@ class Predictor:
 
     def info(self) -> dict:
         """What the server's /api/model shows: architecture, size, metrics, thresholds, classes."""
-        m = self.run.read_optional("metrics.json")
+        m = self.run.read_optional(METRICS)
         test = {k: m.get(k) for k in ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1", "n",
                                       "tta")} if m else None
         return {
@@ -122,7 +111,7 @@ class Predictor:
         probs = probabilities(logits, self.run.temperature)
         if self.detector is None:
             return Analysis(probs, None)
-        std = self.detector.standardised(feats, pixels01(images28), logits)
+        std = self.detector.evidences(feats, pixels01(images28), logits)
         return Analysis(probs, self.detector.combine(std), std if parts else None)
 
     def predict(self, item, return_image: bool = False) -> dict:
@@ -149,20 +138,20 @@ class Predictor:
 
     def judge(self, img: np.ndarray, probs_row: np.ndarray, ood_score: float | None, mask=None):
         """(verdict, reason, candidate class ids) of one image: refused (blank, not a garment, unusable
-        scores), answer (confident) or uncertain (a candidate set); see :func:`fmnist.core.conformal.verdict`."""
-        return conformal.verdict(is_blank(img), conformal.is_ood(ood_score, self.ood_threshold), probs_row,
+        scores), answer (confident) or uncertain (a candidate set); see :func:`fmnist.core.verdict.verdict`."""
+        return verdict(is_blank(img), is_ood(ood_score, self.ood_threshold), probs_row,
                                  self.confidence_threshold, mask)
 
     def _result(self, img: np.ndarray, probs_row, scores: list[float], ids: list[int], ood_score: float | None,
                 mask, return_image: bool) -> dict:
-        verdict, reason, candidates = self.judge(img, probs_row, ood_score, mask)
+        kind, reason, candidates = self.judge(img, probs_row, ood_score, mask)
         out = {
             "label": self.class_names[ids[0]],
             "class_id": ids[0],
             "score": scores[0],
-            "accepted": verdict == "answer",
+            "accepted": kind == "answer",
             "reason": reason,
-            "verdict": verdict,
+            "verdict": kind,
             # None for a run fitted before candidate sets existed, and for refusals
             "candidates": None if candidates is None else [
                 {"label": self.class_names[c], "score": float(probs_row[c])} for c in candidates],

@@ -20,6 +20,7 @@ import numpy as np
 
 from fmnist.core import backends
 from fmnist.core.conformal import validate_params
+from fmnist.core.errors import InputError
 from fmnist.core.ood import Detector
 from fmnist.core.preprocess import preprocess_array
 from fmnist.core.runfolder import (  # noqa: F401 (RUN_FILES, RUN_MARKERS, REPORT_DIR: re-exported)
@@ -86,7 +87,7 @@ class Run:
             try:
                 self.conformal = validate_params(meta["conformal"])
                 if self.conformal["classes"] != len(self.class_names):
-                    raise ValueError(f"conformal parameters are for {self.conformal['classes']} classes, the "
+                    raise InputError(f"conformal parameters are for {self.conformal['classes']} classes, the "
                                      f"model has {len(self.class_names)}")
             except ValueError as e:
                 raise CheckpointError(f"{where}: {e}") from None
@@ -124,7 +125,7 @@ class Run:
         optionally folded), ``onnx`` (ONNX Runtime on ``RUN/model.onnx``, see ``fmnist export``; ``threads``
         intra-op threads), ``onnx-int8`` (``RUN/model.int8.onnx``) or ``auto`` (ONNX Runtime where the run was exported and onnxruntime is installed)."""
         if kind not in backends.BACKENDS:
-            raise ValueError(f"unknown backend {kind!r}; choose one of: {', '.join(backends.BACKENDS)}")
+            raise InputError(f"unknown backend {kind!r}; choose one of: {', '.join(backends.BACKENDS)}")
         if kind == "auto":
             kind = "onnx" if (self.path / ONNX_FP32).is_file() and backends.onnxruntime_available() else "torch"
         if kind in ("onnx", "onnx-int8"):

@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from fmnist.core.errors import CheckpointError  # noqa: F401 (re-exported)
+
 # Every file of a run folder, in the order `train --overwrite` removes them (model.json first, so that a
 # half-removed run never loads), with what it holds and what writes it. Other files in the folder are kept.
 MODEL_JSON = "model.json"  # what the weights are: architecture, preprocessing, trust sections (core.run)
@@ -41,8 +43,6 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class CheckpointError(Exception):
-    pass
 
 
 def _atomic(path: Path, write, io_errors: tuple = ()) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from fmnist.core.errors import InputError
+
 AUGMENTATIONS = ("flip", "crop", "erase", "noise", "jitter")
 
 
@@ -19,7 +21,7 @@ def parse_augment(text: str | None) -> tuple[str, ...]:
     names = tuple(t.strip().lower() for t in text.split(",") if t.strip())
     bad = [n for n in names if n not in AUGMENTATIONS]
     if bad:
-        raise ValueError(f"unknown augmentation(s) {bad}; choose from {', '.join(AUGMENTATIONS)} or 'none'")
+        raise InputError(f"unknown augmentation(s) {bad}; choose from {', '.join(AUGMENTATIONS)} or 'none'")
     return names
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fmnist.core.errors import FmnistError, InputError
 from fmnist.core.preprocess import preprocess_array
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ _HOW_TO_GET = (
 )
 
 
-class DataError(Exception):
+class DataError(FmnistError):
     """Data missing, unreadable or wrong; the message names the file and how to get good data."""
 
 
@@ -152,10 +153,10 @@ def write_idx(path, array) -> None:
     """Write a 1-D (labels) or 3-D (images) uint8 IDX file, gzipped if ``path`` ends in ``.gz``."""
     a = array.numpy() if hasattr(array, "numpy") and not isinstance(array, np.ndarray) else np.asarray(array)
     if a.ndim not in (1, 3):
-        raise ValueError(f"IDX arrays here are 1-D labels or 3-D images, got shape {a.shape}")
+        raise InputError(f"IDX arrays here are 1-D labels or 3-D images, got shape {a.shape}")
     if a.dtype != np.uint8:
         if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() > 255):
-            raise ValueError(f"values must be integers in 0..255 to write uint8 IDX (dtype {a.dtype})")
+            raise InputError(f"values must be integers in 0..255 to write uint8 IDX (dtype {a.dtype})")
         a = a.astype(np.uint8)
     data = struct.pack(f">I{a.ndim}I", 0x800 + a.ndim, *a.shape) + np.ascontiguousarray(a).tobytes()
     path = Path(path)
@@ -218,7 +219,7 @@ def download(dest_dir, mirror: str | None = None, names=None, progress=None,
         return
     unknown = [n for n in todo if n not in files]
     if unknown:
-        raise ValueError(f"no checksum known for {unknown}; refusing to download unverifiable files")
+        raise InputError(f"no checksum known for {unknown}; refusing to download unverifiable files")
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -308,7 +309,7 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     labels = torch.as_tensor(labels).reshape(-1)
     n = len(labels)
     if not 0 <= val_size < n:
-        raise ValueError(f"val_size must be in [0, {n}) for {n} examples, got {val_size}")
+        raise InputError(f"val_size must be in [0, {n}) for {n} examples, got {val_size}")
     classes, counts = torch.unique(labels, return_counts=True)
     # Largest-remainder rounding: each class gets floor(share) or floor(share)+1, summing to exactly val_size.
     share = counts.double() * val_size / n
@@ -338,15 +339,6 @@ def split_indices(labels: torch.Tensor, config) -> tuple[torch.Tensor, torch.Ten
     if get("subset", 0):
         train_idx = train_idx[: int(get("subset"))]
     return train_idx, val_idx
-
-
-def add_data_flags(p, threads: bool = True) -> None:
-    """The flags of every command that reads the data set: where it is, whether to check it, CPU threads."""
-    p.add_argument("--data-dir", default=None,
-                   help="folder holding the four IDX files (default: search: FMNIST_DATA, Debian's folder, the cache)")
-    p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
-    if threads:
-        p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = physical cores)")
 
 
 def preprocess(x, spec: dict | None = None) -> torch.Tensor:

@@ -33,6 +33,8 @@ from inspect import signature
 import torch
 import torch.distributed as dist
 
+from fmnist.core.errors import InputError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -58,9 +60,9 @@ def context_from_env(env=os.environ) -> Context:
         ctx = Context(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                       int(env.get("LOCAL_WORLD_SIZE", 1)))
     except ValueError:
-        raise ValueError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers") from None
+        raise InputError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers") from None
     if not 0 <= ctx.rank < ctx.world_size:
-        raise ValueError(f"RANK {ctx.rank} is outside WORLD_SIZE {ctx.world_size}")
+        raise InputError(f"RANK {ctx.rank} is outside WORLD_SIZE {ctx.world_size}")
     return ctx
 
 
@@ -91,7 +93,7 @@ def session(device: str = "auto"):
 
 def check(batch_size: int, ctx: Context) -> None:
     if batch_size % ctx.world_size:
-        raise ValueError(f"--batch-size {batch_size} is the global batch: it must be a multiple of the "
+        raise InputError(f"--batch-size {batch_size} is the global batch: it must be a multiple of the "
                          f"{ctx.world_size} processes, so that each takes an equal share")
 
 

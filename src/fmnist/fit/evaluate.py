@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fmnist.core.runfolder import METRICS
 from fmnist.fit import runtime
 
 
@@ -119,5 +120,5 @@ def evaluate_run(run_dir, data=None, tta: bool | None = None, limit: int | None 
     m["model"] = run.model_name
     m["backend"] = backend.name
     if write:
-        write_json(Path(run_dir) / "metrics.json", m)
+        write_json(Path(run_dir) / METRICS, m)
     return m

@@ -38,7 +38,8 @@ from fmnist.core.backends import (
     importable,
     onnx_record,
 )
-from fmnist.core.runfolder import CheckpointError, sha256, write_bytes, write_json
+from fmnist.core.errors import InputError
+from fmnist.core.runfolder import EXPORT_REPORT, WEIGHTS, CheckpointError, sha256, write_bytes, write_json
 from fmnist.fit.data import split_indices
 
 # 18: the oldest opset the dynamo exporter emits natively (older ones go through a lossy version converter);
@@ -57,59 +58,6 @@ INT8_MAX_DROP = 0.3
 QUANTISATION = {"format": "QDQ", "activations": "uint8", "weights": "int8, per channel, 7-bit range",
                 "calibration": "MinMax", "source": "training split"}
 EXPORT_EXTRA = "pip install 'fmnist[export]' (onnx, onnxscript, onnxruntime)"
-
-
-def register(sub, formatter_class) -> None:
-    p = sub.add_parser("export", formatter_class=formatter_class,
-                       help="export a run's model to ONNX (optionally int8) and check it against PyTorch",
-                       description="Write RUN/model.onnx (features and logits, dynamic batch, BatchNorm folded; "
-                                   "with --int8 also RUN/model.int8.onnx), then compare ONNX Runtime with "
-                                   "PyTorch on the official test set and write RUN/export.json. Needs the "
-                                   f"export extra: {EXPORT_EXTRA}.")
-    add_arguments(p)
-    p.set_defaults(func=cmd_export)
-
-
-def add_arguments(p) -> None:
-    from fmnist.fit.data import add_data_flags
-
-    p.add_argument("run", help="run folder")
-    p.add_argument("--int8", action="store_true",
-                   help="also write model.int8.onnx, statically quantised on training images")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
-    p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES,
-                   help="training images that calibrate the int8 ranges")
-    p.add_argument("--limit", type=int, default=0,
-                   help="validate on the first N test images only (0 = all 10,000)")
-    add_data_flags(p)
-
-
-def cmd_export(args) -> int:
-    from fmnist.core.run import Run
-    from fmnist.fit import runtime
-    from fmnist.fit.data import load_fashion_mnist
-
-    if args.calibration_images < 1 or args.limit < 0 or args.opset < 1:
-        raise ValueError("--calibration-images and --opset must be positive, --limit at least 0")
-    runtime.setup(args.threads or None, "cpu")
-    run = Path(args.run)
-    Run.load(run, detector=False).model()  # fails early, with a clear message, on a run without (valid) weights
-    _require("onnx", "onnxscript", "onnxruntime")
-    _check_opset(args.opset)
-    data = load_fashion_mnist(args.data_dir, verify=not args.no_verify)
-    for path in export_onnx(run, int8=args.int8, opset=args.opset, data=data,
-                            calibration_images=args.calibration_images).values():
-        print(f"wrote {path} ({path.stat().st_size / 1024:,.0f} KiB)")
-    n = args.limit or len(data.test_labels)
-    report = validate_onnx(run, data.test_images[:n], data.test_labels[:n], threads=args.threads)
-    print(format_validation(report))
-    print(f"wrote {run / 'export.json'}")
-    if not report["ok"]:
-        withdraw(run)
-        print(f"the export differs from PyTorch by more than {FP32_TOLERANCE:g}: its files are removed (see "
-              f"{run / 'export.json'}), so that no backend serves them")
-        return 1
-    return 0
 
 
 def withdraw(run_dir) -> None:
@@ -134,13 +82,13 @@ def export_onnx(run_dir, int8: bool = False, opset: int = DEFAULT_OPSET, data=No
     """
     from fmnist.core.run import Run
 
-    _require("onnx", "onnxscript", *(("onnxruntime",) if int8 else ()))
-    _check_opset(opset)
+    require("onnx", "onnxscript", *(("onnxruntime",) if int8 else ()))
+    check_opset(opset)
     loaded = Run.load(run_dir, detector=False)
     run, model, meta = loaded.path, loaded.model(), loaded.meta
     if int8 and data is None:
-        raise ValueError("int8 export needs the training images to calibrate on (data=...)")
-    weights = sha256((run / "model.safetensors").read_bytes())
+        raise InputError("int8 export needs the training images to calibrate on (data=...)")
+    weights = sha256((run / WEIGHTS).read_bytes())
     blobs = {FP32: _export_fp32(model, meta, opset)}
     records = {FP32: {"opset": opset}}
     if int8:
@@ -164,20 +112,20 @@ def export_onnx(run_dir, int8: bool = False, opset: int = DEFAULT_OPSET, data=No
     return {name: run / name for name in blobs}
 
 
-def _require(*modules: str) -> None:
+def require(*modules: str) -> None:
     missing = [m for m in modules if not importable(m)]
     if missing:
         raise MissingDependency(f"export needs {', '.join(missing)}: {EXPORT_EXTRA}")
 
 
-def _check_opset(opset: int) -> None:
+def check_opset(opset: int) -> None:
     """Refuse opsets the exporter would silently not produce (below 18 its version converter fails and
     leaves the graph at 18; above what the installed onnx knows, the same)."""
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
     if not DEFAULT_OPSET <= opset <= newest:
-        raise ValueError(f"opset {opset} is not supported: the exporter writes opsets {DEFAULT_OPSET} to {newest} "
+        raise InputError(f"opset {opset} is not supported: the exporter writes opsets {DEFAULT_OPSET} to {newest} "
                          f"(onnx {onnx.__version__})")
 
 
@@ -349,7 +297,7 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
     x = preprocess(images, meta["preprocessing"]).numpy()
     y = np.asarray(labels).reshape(-1)
     if len(y) == 0 or len(y) != len(x):
-        raise ValueError(f"validation needs images and as many labels, got {len(x)} images, {len(y)} labels")
+        raise InputError(f"validation needs images and as many labels, got {len(x)} images, {len(y)} labels")
     reference = _outputs(TorchBackend(model), x, batch)
     report = {"images": len(y), "tolerance": FP32_TOLERANCE, "files": {},
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -369,7 +317,7 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
             k.strip("_") or "plain": 100 * (fp32["accuracy"]["onnx" + k] - q["accuracy"]["onnx" + k])
             for k in ("", "_mirror")}
     report["ok"] = fp32 is None or max(fp32[k] for k in fp32 if k.startswith("max_abs_")) <= FP32_TOLERANCE
-    write_json(run / "export.json", report)
+    write_json(run / EXPORT_REPORT, report)
     return report
 
 

@@ -10,6 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fmnist.core.errors import InputError
+
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {}
 
 
@@ -23,7 +25,7 @@ def register(name: str, description: str):
 
 def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
+        raise InputError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
     model = _REGISTRY[name][0](num_classes=num_classes, **kwargs)
     model.arch_name = name
     return model
@@ -231,7 +233,7 @@ def fuse_conv_bn(model: nn.Module) -> int:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     if model.training:
-        raise ValueError("fuse_conv_bn needs a model in eval mode")
+        raise InputError("fuse_conv_bn needs a model in eval mode")
     fused = 0
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):

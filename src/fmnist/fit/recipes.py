@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from fmnist.core.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -14,32 +16,82 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainConfig:
-    model: str = "resnet9-s"
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 0.2
-    optimizer: str = "sgd"          # sgd (Nesterov) | adam | adamw
-    momentum: float = 0.9
-    weight_decay: float = 5e-4      # applied to weights only, not to biases or BatchNorm
-    schedule: str = "onecycle"      # onecycle (linear warm-up, linear decay to 0) | cosine | constant
-    warmup: float = 0.15            # fraction of training spent warming up (onecycle, cosine)
-    label_smoothing: float = 0.1
-    ema: float = 0.0                # EMA decay of the weights per step; 0 disables
-    augment: str = "flip,crop"
-    tta: bool = True                # mirrored test-time augmentation at validation and evaluation
-    val_size: int = 10_000
-    select: str = "val_loss"        # which validation figure picks the kept epoch: val_loss | val_acc
-    patience: int = 0               # stop after this many epochs without improvement; 0 never stops early
-    time_budget: float = 0.0        # seconds; > 0 sizes the schedule to fit training, validation and calibration
-    seed: int = 0
-    threads: int = 0                # 0 = physical cores
-    precision: str = "auto"         # auto | fp32 | bf16 | fp16
-    channels_last: bool = True     # NHWC: 1.5-2x faster convolutions on CPU (oneDNN)
-    device: str = "auto"
-    subset: int = 0                 # use only this many training images (quick experiments); 0 = all
-    data_dir: str | None = None
+    model: str = field(default="resnet9-s", metadata={"help": (
+        "architecture (see `fmnist models`); auto: the epoch table's recipe (model, batch size, "
+        'learning rate, augmentation) for the epochs the time budget buys on this machine, or for '
+        '--epochs; auto-tiny: the same among models under 100,000 parameters'
+    )})
+    epochs: int = field(default=30, metadata={"help": (
+        "epochs to train; given without --time-budget, it replaces the preset's time budget, and a "
+        "model auto trains the epoch table's recipe for that many epochs (given with a "
+        '--time-budget above 0, it is ignored)'
+    )})
+    batch_size: int = field(default=256, metadata={"help": 'images per step'})
+    lr: float = field(default=0.2, metadata={"help": 'peak learning rate'})
+    # sgd (Nesterov) | adam | adamw
+    optimizer: str = field(default="sgd", metadata={"help": 'sgd (Nesterov momentum), adam or adamw'})
+    momentum: float = field(default=0.9, metadata={"help": 'SGD momentum'})
+    # applied to weights only, not to biases or BatchNorm
+    weight_decay: float = field(default=5e-4, metadata={"help": (
+        'weight decay on weights (not biases or BatchNorm)'
+    )})
+    # onecycle (linear warm-up, linear decay to 0) | cosine | constant
+    schedule: str = field(default="onecycle", metadata={"help": (
+        'learning-rate schedule: onecycle, cosine or constant'
+    )})
+    # fraction of training spent warming up (onecycle, cosine)
+    warmup: float = field(default=0.15, metadata={"help": (
+        'fraction of training spent warming the learning rate up'
+    )})
+    label_smoothing: float = field(default=0.1, metadata={"help": 'label smoothing of the training loss'})
+    # EMA decay of the weights per step; 0 disables
+    ema: float = field(default=0.0, metadata={"help": (
+        'decay of an exponential moving average of the weights (0 = off)'
+    )})
+    augment: str = field(default="flip,crop", metadata={"help": (
+        'comma-separated: flip,crop,erase,noise,jitter or none'
+    )})
+    # mirrored test-time augmentation at validation and evaluation
+    tta: bool = field(default=True, metadata={"help": 'mirrored test-time augmentation'})
+    val_size: int = field(default=10_000, metadata={"help": (
+        'validation images held out of the 60,000 (stratified, seeded)'
+    )})
+    # which validation figure picks the kept epoch: val_loss | val_acc
+    select: str = field(default="val_loss", metadata={"help": (
+        'which validation figure picks the epoch kept: val_loss or val_acc'
+    )})
+    # stop after this many epochs without improvement; 0 never stops early
+    patience: int = field(default=0, metadata={"help": (
+        'stop after this many epochs without improvement (0 = never)'
+    )})
+    # seconds; > 0 sizes the schedule to fit training, validation and calibration
+    time_budget: float = field(default=0.0, metadata={"help": (
+        'seconds: size the schedule to fit and stop within it (0 = use --epochs)'
+    )})
+    seed: int = field(default=0, metadata={"help": 'random seed (split, init, shuffling, augmentation)'})
+    # 0 = physical cores
+    threads: int = field(default=0, metadata={"help": 'CPU threads (0 = physical cores)'})
+    # auto | fp32 | bf16 | fp16
+    precision: str = field(default="auto", metadata={"help": (
+        'auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and on CPUs with native bf16)'
+    )})
+    # NHWC: 1.5-2x faster convolutions on CPU (oneDNN)
+    channels_last: bool = field(default=True, metadata={"help": 'channels_last memory format'})
+    device: str = field(default="auto", metadata={"help": 'auto, cpu or cuda'})
+    # use only this many training images (quick experiments); 0 = all
+    subset: int = field(default=0, metadata={"help": (
+        'train on only this many images (quick experiments; 0 = all)'
+    )})
+    data_dir: str | None = field(default=None, metadata={"help": (
+        "folder holding the four IDX files (default: search: FMNIST_DATA, Debian's folder, the "
+        'cache)'
+    )})
     preset: str | None = None
     pinned: str = ""                # model auto: the recipe options given explicitly, kept over the table row's
+
+
+# The help of each option, written once: `fmnist train` and `fmnist tune` both show it.
+FIELD_HELP = {f.name: f.metadata.get("help", f.name) for f in dataclasses.fields(TrainConfig)}
 
 
 PRESETS: dict[str, dict] = {
@@ -129,7 +181,7 @@ def resolve_config(preset: str | None = None, **overrides) -> TrainConfig:
     values: dict = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+            raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
         values["preset"] = preset
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -137,7 +189,7 @@ def resolve_config(preset: str | None = None, **overrides) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        raise InputError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
@@ -203,7 +255,7 @@ def validate(cfg: TrainConfig) -> None:
     ]
     for ok, msg in checks:
         if not ok:
-            raise ValueError(msg)
+            raise InputError(msg)
 
 
 def lr_at(cfg: TrainConfig, progress: float) -> float:

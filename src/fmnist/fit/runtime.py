@@ -9,6 +9,7 @@ import sys
 import torch
 
 import fmnist
+from fmnist.core.errors import InputError
 
 
 def physical_cores() -> int:
@@ -38,7 +39,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
         dev = torch.device(name)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but no CUDA device is available")
+            raise InputError("--device cuda asked for, but no CUDA device is available")
         return dev
     if hasattr(torch, "accelerator") and torch.accelerator.is_available():
         return torch.accelerator.current_accelerator()

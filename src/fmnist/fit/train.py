@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from fmnist import CLASS_NAMES
+from fmnist.core.errors import InputError
 from fmnist.core.preprocess import make_spec
 from fmnist.core.run import check_new_run_folder, created_now, remove_run
+from fmnist.core.runfolder import CONFIG, ENV, HISTORY, LAST, SUMMARY, TRAIN_LOG, WEIGHTS
 from fmnist.fit import distributed, runtime
 from fmnist.fit.augment import augment_batch, parse_augment
 from fmnist.fit.budget import TimeBudget
@@ -271,7 +273,7 @@ def validate_and_keep(job: Job, st: State, train_row: dict, t_epoch: float) -> t
 
 
 def save_resume(out: Path, st: State, elapsed: float) -> None:
-    save_state(out / "last.pt", {
+    save_state(out / LAST, {
         "model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
         "ema": st.ema.model.state_dict() if st.ema is not None else {},
         "generator": st.gen.get_state(), "torch_rng": torch.get_rng_state(),
@@ -286,7 +288,7 @@ RESUME_KEYS = ("model", "optimizer", "ema", "generator", "torch_rng", "epoch", "
 def read_resume(out: Path) -> dict:
     """The state saved after the last finished epoch, checked for what :func:`restore` needs (read before the
     data, so a damaged last.pt fails at once)."""
-    path = out / "last.pt"
+    path = out / LAST
     state = load_state(path)
     missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
     if missing:
@@ -327,7 +329,7 @@ def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
     for param, buffers in opt.state.items():
         for name, value in buffers.items():
             if torch.is_tensor(value) and value.ndim and value.shape != param.shape:
-                raise ValueError(f"optimizer {name} of shape {tuple(value.shape)} for a parameter of shape "
+                raise InputError(f"optimizer {name} of shape {tuple(value.shape)} for a parameter of shape "
                                  f"{tuple(param.shape)}")
 
 
@@ -349,11 +351,11 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
 
     t_start = time.monotonic()
     if resume is not None and overwrite:
-        raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
+        raise InputError("resume and overwrite exclude each other: continue the run, or replace it")
     out = Path(resume) if resume is not None else Path(out) if out is not None else default_out(cfg)
     saved = None
     if resume is not None:
-        cfg = read_config(out / "config.json")
+        cfg = read_config(out / CONFIG)
         saved = read_resume(out)
     validate(cfg)
     distributed.check(cfg.batch_size, ctx)
@@ -368,7 +370,7 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     precision = runtime.resolve_precision(cfg.precision, device, cfg.batch_size)
     st = build(cfg, device)
     if saved is not None:
-        elapsed_before = restore(saved, st, out / "last.pt")
+        elapsed_before = restore(saved, st, out / LAST)
     st.wrapped = distributed.wrap(st.model, ctx, device)
     if overwrite and resume is None and ctx.is_main:
         remove_run(out)  # as late as possible: a run that fails to start leaves the old one in place
@@ -418,14 +420,14 @@ def _start_run(cfg, out: Path, st: State, d: Data, device, precision: str, ctx: 
     """Write config.json and env.json and the first log line; return the logging function."""
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", dataclasses.asdict(cfg))
+        write_json(out / CONFIG, dataclasses.asdict(cfg))
         env = runtime.environment(device)
         env.update(precision=precision, world_size=ctx.world_size)
-        write_json(out / "env.json", env)
+        write_json(out / ENV, env)
 
     def say(msg: str) -> None:
         if ctx.is_main:
-            _log(msg, out / "train.log", echo=not quiet)
+            _log(msg, out / TRAIN_LOG, echo=not quiet)
 
     if resumed:
         say(f"resuming {out} after epoch {st.epoch}")
@@ -468,7 +470,7 @@ def _end_epoch(job: Job, st: State, train_row: dict, t_epoch: float, say, on_epo
     row, improved = validate_and_keep(job, st, train_row, t_epoch)
     st.history.append(row)
     say(_epoch_line(cfg, row, improved))
-    _write_history(job.out / "history.csv", st.history)
+    _write_history(job.out / HISTORY, st.history)
     save_resume(job.out, st, job.budget.elapsed())
     if cfg.patience and st.epoch - st.best["epoch"] >= cfg.patience:
         say(f"early stop: no improvement of {cfg.select} for {cfg.patience} epochs")
@@ -494,18 +496,18 @@ def _finish(job: Job, st: State, data, device, say, t_start: float, trust: bool 
                "wall_seconds": time.monotonic() - t_start, "world_size": job.ctx.world_size,
                "best": st.history[best["epoch"] - 1] if best["epoch"] else None}
     kept = f"{cfg.select} {best['value']:.4f}" if best["value"] is not None else "no validation set"
-    say(f"kept epoch {best['epoch']} ({kept}); training took {train_seconds:.1f} s; model in {out}/model.safetensors")
+    say(f"kept epoch {best['epoch']} ({kept}); training took {train_seconds:.1f} s; model in {out / WEIGHTS}")
     if not job.ctx.is_main:
         return summary
     if not trust:
-        write_json(out / "train_summary.json", summary)
+        write_json(out / SUMMARY, summary)
         return summary
     from fmnist.fit.trust.fit import describe, fit_trust
 
     summary["trust"] = fit_trust(out, data, device=device)
     summary["wall_seconds"] = time.monotonic() - t_start  # everything, the calibration/OOD fit included
     say(describe(summary["trust"]))
-    write_json(out / "train_summary.json", summary)
+    write_json(out / SUMMARY, summary)
     _link_latest(out)
     return summary
 

@@ -1,7 +1,7 @@
 """The ``fmnist`` command line: one subcommand per stage, kebab-case flags whose help states the default.
 
 Commands live in this package by job (train, evaluate/predict, trust, report/compare) and in
-:mod:`fmnist.apps.tune`, :mod:`fmnist.fit.export` and :mod:`fmnist.apps.serve.cli`; :data:`COMMANDS` registers them explicitly.
+:mod:`fmnist.apps.tune`; :data:`COMMANDS` registers them explicitly.
 """
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import os
 import sys
 
 from fmnist.apps import tune
-from fmnist.apps.cli import evaluate, report, train, trust
-from fmnist.apps.serve import cli as serve
-from fmnist.fit import export
+from fmnist.apps.cli import evaluate, export, report, serve, train, trust
+from fmnist.core.errors import FmnistError
 
 # Every subcommand, in the order `fmnist --help` lists them; each module adds its parsers with
 # set_defaults(func=...) and keeps its heavy imports inside those functions.
@@ -29,9 +28,15 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
         return super()._get_help_string(action)
 
 
+EPILOG = """exit status: 0 done; 2 bad input (a run folder, data file, flag or value: one line says what to do);
+1 an internal error, a bug (shown with its traceback); 130 interrupted.
+--debug shows the traceback of bad-input errors too."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fmnist", formatter_class=Formatter,
+    parser = argparse.ArgumentParser(prog="fmnist", formatter_class=Formatter, epilog=EPILOG,
                                      description="Train, evaluate, explain and serve Fashion-MNIST classifiers.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error (default: off)")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in COMMANDS:
         register(sub, Formatter)
@@ -39,13 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from fmnist.core.runfolder import CheckpointError
-    from fmnist.fit.data import DataError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, ValueError) as e:
+    except FmnistError as e:
+        if args.debug:
+            raise
         print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
@@ -60,6 +64,8 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as e:  # the machine's doing (disk full, permission denied), not a bug: one line, no traceback
+        if args.debug:
+            raise
         print(f"fmnist {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,8 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from fmnist.core.backends import add_backend_flag
-from fmnist.fit.data import add_data_flags
+from fmnist.apps.cli.flags import add_backend_flag, add_data_flags
 
 
 def register(sub, formatter_class) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from fmnist.apps.cli.flags import add_data_flags
 from fmnist.core.run import Run
-from fmnist.fit.data import add_data_flags
 
 
 def cmd_report(args) -> int:

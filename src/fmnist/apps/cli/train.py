@@ -8,7 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fmnist.fit.recipes import DEFAULT_PRESET, PRESETS, TrainConfig
+from fmnist.core.runfolder import CONFIG
+from fmnist.fit.recipes import DEFAULT_PRESET, FIELD_HELP, PRESETS, TrainConfig
 
 
 def _flag(name: str) -> str:
@@ -16,34 +17,6 @@ def _flag(name: str) -> str:
 
 
 # Help text for each TrainConfig field; the default shown is the default preset's value.
-TRAIN_HELP = {
-    "model": "architecture (see `fmnist models`); auto: the epoch table's recipe (model, batch size, learning "
-             "rate, augmentation) for the epochs the time budget buys on this machine, or for --epochs; auto-tiny: "
-             "the same among models under 100,000 parameters",
-    "epochs": "epochs to train; given without --time-budget, it replaces the preset's time budget, and a model "
-              "auto trains the epoch table's recipe for that many epochs (given with a --time-budget above 0, it "
-              "is ignored)",
-    "batch_size": "images per step",
-    "lr": "peak learning rate",
-    "optimizer": "sgd (Nesterov momentum), adam or adamw",
-    "momentum": "SGD momentum",
-    "weight_decay": "weight decay on weights (not biases or BatchNorm)",
-    "schedule": "learning-rate schedule: onecycle, cosine or constant",
-    "warmup": "fraction of training spent warming the learning rate up",
-    "label_smoothing": "label smoothing of the training loss",
-    "ema": "decay of an exponential moving average of the weights (0 = off)",
-    "augment": "comma-separated: flip,crop,erase,noise,jitter or none",
-    "val_size": "validation images held out of the 60,000 (stratified, seeded)",
-    "select": "which validation figure picks the epoch kept: val_loss or val_acc",
-    "patience": "stop after this many epochs without improvement (0 = never)",
-    "time_budget": "seconds: size the schedule to fit and stop within it (0 = use --epochs)",
-    "seed": "random seed (split, init, shuffling, augmentation)",
-    "threads": "CPU threads (0 = physical cores)",
-    "precision": "auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and on CPUs with native bf16)",
-    "device": "auto, cpu or cuda",
-    "subset": "train on only this many images (quick experiments; 0 = all)",
-    "data_dir": "folder holding the four IDX files (default: search: FMNIST_DATA, Debian's folder, the cache)",
-}
 
 
 def register(sub, formatter_class) -> None:
@@ -62,11 +35,10 @@ def register(sub, formatter_class) -> None:
             continue
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
                                                           "bool": bool}.get(str(f.type), str)
-        help_text = TRAIN_HELP.get(f.name, f.name)
+        help_text = FIELD_HELP[f.name]
         if f.name in ("tta", "channels_last"):
             p.add_argument(_flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                           help=f"{'mirrored test-time augmentation' if f.name == 'tta' else 'channels_last memory format'}"
-                                f" (default: {default[f.name]})")
+                           help=f"{help_text} (default: {default[f.name]})")
             continue
         if "(default" not in help_text:
             help_text += f" (default: {default[f.name]})"
@@ -94,7 +66,7 @@ def cmd_train(args) -> int:
     if args.resume:
         from fmnist.fit.recipes import read_config
 
-        saved = read_config(Path(args.resume) / "config.json")
+        saved = read_config(Path(args.resume) / CONFIG)
         data = load_fashion_mnist(args.data_dir or saved.data_dir, verify=not args.no_verify)
         with session(saved.device) as ctx:
             train(None, data=data, resume=args.resume, ctx=ctx)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fmnist.fit.data import add_data_flags, split_indices
+from fmnist.apps.cli.flags import add_data_flags
+from fmnist.core.errors import InputError
+from fmnist.core.runfolder import DETECTOR, MODEL_JSON, OOD_REPORT
+from fmnist.fit.data import split_indices
 
 EXTRAS_HINT = "pip install scikit-image scikit-learn"
 
@@ -66,7 +69,7 @@ def cmd_calibrate(args) -> int:
     from fmnist.fit.trust.fit import describe, fit_trust
 
     if not 0 < args.coverage < 1:  # NaN fails this too
-        raise ValueError(f"--coverage must be strictly between 0 and 1, got {args.coverage}")
+        raise InputError(f"--coverage must be strictly between 0 and 1, got {args.coverage}")
     parts = [s.strip() for s in args.ood_parts.split(",") if s.strip()]
     device = runtime.setup(args.threads or None, "cpu")
     run = Run.load(args.run, detector=False)  # fails early, with a clear message, on a bad run folder
@@ -90,7 +93,7 @@ def cmd_calibrate(args) -> int:
     print(f"\ntemperature {run.temperature:.4f} (fitted on the validation split; ECE with 15 bins)")
     print(format_calibration(rows))
     print("\n" + _measure_candidate_sets(run, splits))
-    print(f"\nwrote {run.path / 'model.json'} (calibration, ood, conformal) and {run.path / 'ood.safetensors'}")
+    print(f"\nwrote {run.path / MODEL_JSON} (calibration, ood, conformal) and {run.path / DETECTOR}")
     return 0
 
 
@@ -135,9 +138,9 @@ def cmd_ood_eval(args) -> int:
     names = list(eval_sets.SETS) if args.sets == "all" else [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [n for n in names if n not in eval_sets.SETS]
     if unknown:
-        raise ValueError(f"unknown OOD set(s) {', '.join(unknown)}; choose from: {', '.join(eval_sets.SETS)}")
+        raise InputError(f"unknown OOD set(s) {', '.join(unknown)}; choose from: {', '.join(eval_sets.SETS)}")
     if args.n < 1:
-        raise ValueError("--n must be >= 1")
+        raise InputError("--n must be >= 1")
     data = load_fashion_mnist(args.data_dir, verify=not args.no_verify)
     report, missing = evaluate_sets(predictor, data, names, args.n, args.seed)
     print(format_ood_table(report, args.by_part))
@@ -146,6 +149,6 @@ def cmd_ood_eval(args) -> int:
     if missing:
         print(f"install the optional extras for every set: {EXTRAS_HINT}")
     if not args.no_write:
-        write_json(Path(args.run) / "ood_eval.json", report)
-        print(f"\nwrote {Path(args.run) / 'ood_eval.json'}")
+        write_json(Path(args.run) / OOD_REPORT, report)
+        print(f"\nwrote {Path(args.run) / OOD_REPORT}")
     return 0

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist.core import conformal
 from fmnist.core.run import Run
+from fmnist.core.runfolder import ENV, HISTORY, METRICS, REPORT_DIR, SUMMARY
+from fmnist.core.verdict import verdict
 
 FIGURES = ("learning_curves", "confusion", "per_class", "confused_pairs", "misclassified", "reliability",
            "uncertain", "samples")
@@ -22,7 +25,7 @@ FIGURES = ("learning_curves", "confusion", "per_class", "confused_pairs", "miscl
 
 
 def read_history(run: Run) -> list[dict]:
-    path = run.path / "history.csv"
+    path = run.path / HISTORY
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -66,7 +69,7 @@ def predict_test(run: Run, data, limit: int | None = None, threads: int | None =
     logits = run_logits(backend, run, images)
     probs = probabilities(logits.numpy(), run.temperature)  # float64, exactly as served
     metrics = classification_metrics(logits, labels, run.class_names)
-    saved = run.read_optional("metrics.json")  # the no-TTA accuracy of `fmnist evaluate`, if it matches
+    saved = run.read_optional(METRICS)  # the no-TTA accuracy of `fmnist evaluate`, if it matches
     if saved.get("n") == metrics["n"] and saved.get("tta") == run.tta and "accuracy_no_tta" in saved:
         metrics["accuracy_no_tta"] = saved["accuracy_no_tta"]
     return {"metrics": metrics, "images": np.asarray(images), "y": np.asarray(labels), "logits": logits.numpy(),
@@ -93,8 +96,6 @@ def candidate_set_stats(run: Run, pred: dict) -> dict | None:
     """
     if run.conformal is None:
         return None
-    from fmnist.core import conformal
-
     params, y, probs = run.conformal, pred["y"], pred["probs"]
     masks = conformal.candidate_sets(probs, params)
     metrics = conformal.set_metrics(masks, y)
@@ -102,7 +103,7 @@ def candidate_set_stats(run: Run, pred: dict) -> dict | None:
     noise = 2 * math.sqrt(t * (1 - t) * (1 / metrics["n"] + 1 / (n_cal + 1)))
     threshold = run.confidence_threshold
     uncertain = np.flatnonzero(probs.max(1) < threshold)
-    candidates = [conformal.verdict(False, False, probs[i], threshold, masks[i])[2] for i in uncertain]
+    candidates = [verdict(False, False, probs[i], threshold, masks[i])[2] for i in uncertain]
     covered = [y[i] in ids for i, ids in zip(uncertain, candidates)]
     return {"params": params, "metrics": metrics, "noise": noise, "threshold": threshold, "probs": probs,
             "uncertain": uncertain, "candidates": candidates,
@@ -119,7 +120,7 @@ def build_report(run_dir, data=None, out=None, limit: int | None = None, threads
 
     run = Run.load(run_dir, detector=False)
     data = data if data is not None else load_fashion_mnist()
-    out = Path(out) if out is not None else run.path / "report"
+    out = Path(out) if out is not None else run.path / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     pred = predict_test(run, data, limit, threads)
     sets = candidate_set_stats(run, pred)
@@ -130,8 +131,8 @@ def build_report(run_dir, data=None, out=None, limit: int | None = None, threads
         "run": run.path, "meta": run.meta, "metrics": pred["metrics"], "history": read_history(run), "ece": ece,
         "data": data, "temperature": run.temperature,
         "rejection": rejection_stats(pred["probs"], pred["y"], run.confidence_threshold), "sets": sets,
-        "config": run.config, "summary": run.read_optional("train_summary.json"),
-        "env": run.read_optional("env.json"), "pngs": {n: out / f"{n}.png" for n in FIGURES if n in drawn},
+        "config": run.config, "summary": run.read_optional(SUMMARY),
+        "env": run.read_optional(ENV), "pngs": {n: out / f"{n}.png" for n in FIGURES if n in drawn},
     }
     index = out / "index.html"
     index.write_text(render_report(context), encoding="utf-8")

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from fmnist.core.run import Run
-from fmnist.core.runfolder import read_json
+from fmnist.core.runfolder import METRICS, MODEL_JSON, SUMMARY, TUNE_TRIAL, read_json
 
 
 def expand_runs(paths) -> list[Path]:
@@ -13,7 +13,7 @@ def expand_runs(paths) -> list[Path]:
     left half-written: only those whose tune_trial.json, written once the study recorded them, says COMPLETE)."""
     runs = []
     for p in map(Path, paths):
-        markers = sorted(p.glob("trial-*/tune_trial.json")) if p.is_dir() and not (p / "model.json").exists() else []
+        markers = sorted(p.glob(f"trial-*/{TUNE_TRIAL}")) if p.is_dir() and not (p / MODEL_JSON).exists() else []
         if not markers:
             runs.append(p)
             continue
@@ -24,7 +24,7 @@ def expand_runs(paths) -> list[Path]:
 def run_row(run_dir) -> dict:
     """One line of `fmnist compare`: what the run is and how well it did (test accuracy if evaluated)."""
     run = Run.load(run_dir, detector=False)
-    summary, metrics = run.read_optional("train_summary.json"), run.read_optional("metrics.json")
+    summary, metrics = run.read_optional(SUMMARY), run.read_optional(METRICS)
     recipe = run.recipe
     parts = [recipe.get("preset") or "custom", recipe.get("optimizer"), f"lr {recipe.get('lr')}",
              recipe.get("schedule"), f"aug {recipe.get('augment')}"]

@@ -1,6 +1,6 @@
 """``python -m fmnist.apps.serve RUN [options]``: same as ``fmnist serve``."""
 import sys
 
-from fmnist.apps.serve.cli import main
+from fmnist.apps.cli.serve import main
 
 sys.exit(main())

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from fmnist.core.errors import InputError
 from fmnist.core.images import MAX_DECODE_WORK, MAX_FRAMES, MAX_PIXELS
 
 #: Host names every server answers to (a server bound to another address answers to that one too).
@@ -53,30 +54,30 @@ class Settings:
                      "max_request_pixels", "max_connections_per_client", "max_uploads_per_client"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_flag(name)} must be a whole number >= 1, got {value!r}")
+                raise InputError(f"{_flag(name)} must be a whole number >= 1, got {value!r}")
         for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "decode_timeout"):
             _check_positive(getattr(self, name), _flag(name))
         workers = self.decode_workers
         if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
-            raise ValueError(f"--decode-workers must be a whole number from 0 to 64, got {workers!r}")
+            raise InputError(f"--decode-workers must be a whole number from 0 to 64, got {workers!r}")
         proxies = []
         for proxy in ((self.trusted_proxies,) if isinstance(self.trusted_proxies, str) else self.trusted_proxies):
             try:
                 proxies.append(str(ipaddress.ip_address(normalize_host(proxy))))
             except ValueError:
-                raise ValueError(f"--trusted-proxies takes IP addresses, got {proxy!r}") from None
+                raise InputError(f"--trusted-proxies takes IP addresses, got {proxy!r}") from None
         object.__setattr__(self, "trusted_proxies", tuple(proxies))
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:  # NaN fails this too
-            raise ValueError(f"--threshold must be between 0 and 1, got {self.threshold}")
+            raise InputError(f"--threshold must be between 0 and 1, got {self.threshold}")
         if self.ood_threshold is not None and not math.isfinite(self.ood_threshold):
-            raise ValueError(f"--ood-threshold must be a finite number, got {self.ood_threshold}")
+            raise InputError(f"--ood-threshold must be a finite number, got {self.ood_threshold}")
         from fmnist.core.backends import BACKENDS
 
         if self.backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         hosts = tuple(normalize_host(h) for h in self.allowed_hosts)
         if not hosts or not all(hosts):
-            raise ValueError(f"--allowed-hosts needs at least one host name, got {self.allowed_hosts!r}")
+            raise InputError(f"--allowed-hosts needs at least one host name, got {self.allowed_hosts!r}")
         object.__setattr__(self, "allowed_hosts", hosts)
         if self.run_dir is not None:
             object.__setattr__(self, "run_dir", Path(self.run_dir))
@@ -88,7 +89,7 @@ def _flag(name: str) -> str:
 
 def _check_positive(value, flag: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{flag} must be a finite number > 0, got {value!r}")
+        raise InputError(f"{flag} must be a finite number > 0, got {value!r}")
     return float(value)
 
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fmnist.core.errors import InputError
+
 DEFAULT_TRIALS = 20
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SPACE_HELP = " (default: the preset's)"
 
 
 def register(sub, formatter_class) -> None:
-    from fmnist.apps.cli.train import TRAIN_HELP
+    from fmnist.apps.cli.flags import add_data_flags
     from fmnist.apps.tune.space import option_types
-    from fmnist.fit.data import add_data_flags
-    from fmnist.fit.recipes import PRESETS
+    from fmnist.fit.recipes import FIELD_HELP, PRESETS
 
     p = sub.add_parser("tune", formatter_class=formatter_class,
                        help="search training recipes with Optuna (each trial a run folder)",
@@ -33,11 +34,9 @@ def register(sub, formatter_class) -> None:
                    help="a TOML file of options (same names, same values as the flags); flags override it "
                         "(default: none)")
     for name in option_types():
+        text = FIELD_HELP[name].split(" (default")[0]
         if name in ("tta", "channels_last"):
-            text = "mirrored test-time augmentation" if name == "tta" else "channels_last memory format"
             text += ": true, false, or true|false to search both"
-        else:
-            text = TRAIN_HELP.get(name, name).split(" (default")[0]
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="SPACE", help=text + SPACE_HELP)
     g = p.add_argument_group("the study")
     g.add_argument("--study", default=None, help="study name, its folder's name (default: the preset's name)")
@@ -79,16 +78,16 @@ def settings_from_args(args):
     flags = {n: getattr(args, n) for n in option_types() if getattr(args, n) is not None}
     space, machine = build_space(args.preset, flags, args.space)
     if not space.params:
-        raise ValueError("nothing to search: give at least one option a range (--lr 1e-4:1e-1:log) "
+        raise InputError("nothing to search: give at least one option a range (--lr 1e-4:1e-1:log) "
                          "or a list (--batch-size 64,128)")
     for flag, value, low in (("--workers", args.workers, 1), ("--prune-after", args.prune_after, 0),
                              ("--timeout", args.timeout, 0), ("--heartbeat", args.heartbeat, 1),
                              ("--threads", args.threads, 0), ("--n-trials", 1 if args.n_trials is None else args.n_trials, 1)):
         if value < low:
-            raise ValueError(f"{flag} must be at least {low}")
+            raise InputError(f"{flag} must be at least {low}")
     study = args.study or space.preset
     if not STUDY_NAME.match(study):
-        raise ValueError(f"--study {study!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
+        raise InputError(f"--study {study!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
     metric = args.metric or space.fixed.get("select") or PRESETS[space.preset].get("select", TrainConfig.select)
     n_trials = args.n_trials or DEFAULT_TRIALS
     if args.sampler == "grid":

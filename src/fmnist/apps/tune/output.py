@@ -9,9 +9,9 @@ import os
 import warnings
 from pathlib import Path
 
-from fmnist.core.runfolder import _atomic, write_json
+from fmnist.core.runfolder import MODEL_JSON, TUNE_TRIAL, _atomic, write_json
 
-MARKER = "tune_trial.json"  # written once the storage has a trial's outcome: `fmnist compare` trusts only these
+MARKER = TUNE_TRIAL  # written once the storage has a trial's outcome: `fmnist compare` trusts only these
 FIGURES = ("history", "importances", "learning_rate")
 
 
@@ -47,7 +47,7 @@ def update_best(study, study_dir: Path) -> str | None:
         return None  # no finished trial yet
     target = trial_folder(best.number)
     link, tmp = study_dir / "best", study_dir / f".best.{os.getpid()}.tmp"
-    if not (study_dir / target / "model.json").is_file():
+    if not (study_dir / target / MODEL_JSON).is_file():
         if link.is_symlink():
             link.unlink(missing_ok=True)  # the best trial ran on another machine: no link rather than a wrong one
         return None

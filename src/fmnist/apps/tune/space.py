@@ -20,6 +20,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from fmnist.core.errors import InputError
 from fmnist.fit.recipes import DEFAULT_PRESET, PRESETS, TrainConfig, resolve_config
 
 # Options that describe the machine a worker runs on, not the recipe: fixed only, and not part of a study's
@@ -52,7 +53,7 @@ class Space:
         """Every combination of the listed values, in the order given (the grid sampler's trials)."""
         ranges = [n for n, p in self.params.items() if p["kind"] != "categorical"]
         if ranges:
-            raise ValueError(f"--sampler grid needs lists of values, not ranges: {', '.join(_flag(n) for n in ranges)}")
+            raise InputError(f"--sampler grid needs lists of values, not ranges: {', '.join(_flag(n) for n in ranges)}")
         names = list(self.params)
         return [dict(zip(names, combo)) for combo in itertools.product(*(self.params[n]["choices"] for n in names))]
 
@@ -65,12 +66,12 @@ def _number(name: str, kind: type, text) -> int | float:
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{_flag(name)}: {text!r} is not a number") from None
+        raise InputError(f"{_flag(name)}: {text!r} is not a number") from None
     if not math.isfinite(value):
-        raise ValueError(f"{_flag(name)}: {text!r} is not a finite number")
+        raise InputError(f"{_flag(name)}: {text!r} is not a finite number")
     if kind is int:
         if not value.is_integer():
-            raise ValueError(f"{_flag(name)}: {text!r} is not a whole number")
+            raise InputError(f"{_flag(name)}: {text!r} is not a whole number")
         return int(value)
     return value
 
@@ -83,13 +84,13 @@ def convert(name: str, kind: type, value):
         text = str(value).strip().lower()
         if text in TRUE + FALSE:
             return text in TRUE
-        raise ValueError(f"{_flag(name)}: {value!r} is not true or false")
+        raise InputError(f"{_flag(name)}: {value!r} is not true or false")
     if kind in (int, float):
         if isinstance(value, bool):
-            raise ValueError(f"{_flag(name)}: {value!r} is not a number")
+            raise InputError(f"{_flag(name)}: {value!r} is not a number")
         return _number(name, kind, value)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{_flag(name)}: {value!r} is not a text value")
+        raise InputError(f"{_flag(name)}: {value!r} is not a text value")
     return value.strip()
 
 
@@ -97,16 +98,16 @@ def _range(name: str, kind: type, low, high, scale=None) -> dict:
     """A float or int range; ``scale`` is 'log', 'linear', None or a step."""
     low, high = _number(name, kind, low), _number(name, kind, high)
     if not low < high:
-        raise ValueError(f"{_flag(name)}: the range's low end {low} must be below its high end {high}")
+        raise InputError(f"{_flag(name)}: the range's low end {low} must be below its high end {high}")
     log, step = False, None
     if scale in ("log", True):
         if low <= 0:
-            raise ValueError(f"{_flag(name)}: a log range must start above 0, not at {low}")
+            raise InputError(f"{_flag(name)}: a log range must start above 0, not at {low}")
         log = True
     elif scale not in (None, "", "linear", False):
         step = _number(name, kind, scale)
         if step <= 0:
-            raise ValueError(f"{_flag(name)}: the range's step must be above 0, not {step}")
+            raise InputError(f"{_flag(name)}: the range's step must be above 0, not {step}")
     elif kind is int:
         step = 1
     return {"kind": "int" if kind is int else "float", "low": low, "high": high, "log": log, "step": step}
@@ -116,19 +117,19 @@ def parse_option(name: str, text: str):
     """(searched, value): a range or list -> (True, distribution dict); a single value -> (False, value)."""
     types = option_types()
     if name not in types:
-        raise ValueError(f"unknown parameter {name!r}; searchable: {', '.join(sorted(types))}")
+        raise InputError(f"unknown parameter {name!r}; searchable: {', '.join(sorted(types))}")
     kind, text = types[name], str(text).strip()
     if ":" in text:
         if kind not in (int, float):
-            raise ValueError(f"{_flag(name)}: ranges (LOW:HIGH) are for numbers; list the choices with '|'")
+            raise InputError(f"{_flag(name)}: ranges (LOW:HIGH) are for numbers; list the choices with '|'")
         parts = text.split(":")
         if len(parts) not in (2, 3):
-            raise ValueError(f"{_flag(name)}: {text!r} is not LOW:HIGH, LOW:HIGH:log or LOW:HIGH:STEP")
+            raise InputError(f"{_flag(name)}: {text!r} is not LOW:HIGH, LOW:HIGH:log or LOW:HIGH:STEP")
         return True, _range(name, kind, *parts)
     sep = "|" if "|" in text or name == "augment" else ","
     pieces = text.split(sep)
     if any(not p.strip() for p in pieces):
-        raise ValueError(f"{_flag(name)}: {text!r} has an empty choice")
+        raise InputError(f"{_flag(name)}: {text!r} has an empty choice")
     return _choices(name, kind, pieces)
 
 
@@ -137,7 +138,7 @@ def _choices(name: str, kind: type, pieces: list):
     if len(values) == 1:
         return False, values[0]
     if len(set(values)) != len(values):
-        raise ValueError(f"{_flag(name)}: a choice is listed twice in {pieces}")
+        raise InputError(f"{_flag(name)}: a choice is listed twice in {pieces}")
     return True, {"kind": "categorical", "choices": values}
 
 
@@ -145,21 +146,21 @@ def _toml_option(name: str, value):
     """A TOML entry: text as on the command line, a list of choices, a {low, high, log, step} table, or a value."""
     types = option_types()
     if name not in types:
-        raise ValueError(f"unknown parameter {name!r}; searchable: {', '.join(sorted(types))}")
+        raise InputError(f"unknown parameter {name!r}; searchable: {', '.join(sorted(types))}")
     kind = types[name]
     if isinstance(value, str):
         return parse_option(name, value)
     if isinstance(value, list):
         if not value:
-            raise ValueError(f"{name}: an empty list of choices")
+            raise InputError(f"{name}: an empty list of choices")
         return _choices(name, kind, value)
     if isinstance(value, dict):
         unknown = set(value) - {"low", "high", "log", "step"}
         if unknown or not {"low", "high"} <= set(value) or kind not in (int, float):
-            raise ValueError(f"{name}: a range is a table {{low = ..., high = ..., log = true|false, step = ...}} "
+            raise InputError(f"{name}: a range is a table {{low = ..., high = ..., log = true|false, step = ...}} "
                              "of a numeric option")
         if value.get("log") and value.get("step") is not None:
-            raise ValueError(f"{name}: a range is either log or stepped, not both")
+            raise InputError(f"{name}: a range is either log or stepped, not both")
         return True, _range(name, kind, value["low"], value["high"], value.get("step") or bool(value.get("log")))
     return False, convert(name, kind, value)
 
@@ -171,9 +172,9 @@ def read_toml(path) -> dict:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
     except FileNotFoundError:
-        raise ValueError(f"--space {path}: no such file") from None
+        raise InputError(f"--space {path}: no such file") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"--space {path}: not a readable TOML file: {e}") from None
+        raise InputError(f"--space {path}: not a readable TOML file: {e}") from None
     return {str(k).replace("-", "_"): v for k, v in doc.items()}
 
 
@@ -183,7 +184,7 @@ def build_space(preset: str | None, flags: dict[str, str], toml_path=None) -> tu
     preset = preset or entries.pop("preset", None) or DEFAULT_PRESET
     entries.pop("preset", None)
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     machine = {k: entries.pop(k) for k in MACHINE_OPTIONS if k in entries}
     space = Space(preset=preset)
     for name, value in entries.items():
@@ -215,14 +216,14 @@ def check(space: Space) -> None:
 
     known = set(model_names())
     if "epochs" in space.params and any(resolve_config(space.preset, **o).time_budget for o in candidates(space)):
-        raise ValueError(f"--epochs is searched, but the {space.preset!r} recipe has a time budget, which sizes the "
+        raise InputError(f"--epochs is searched, but the {space.preset!r} recipe has a time budget, which sizes the "
                          "epochs itself: add --time-budget 0 (or search --time-budget instead)")
     for overrides in candidates(space):
         model = overrides.get("model")
         if model is not None and model not in known:
-            raise ValueError(f"--model: unknown architecture {model!r}; see `fmnist models`")
+            raise InputError(f"--model: unknown architecture {model!r}; see `fmnist models`")
         if resolve_config(space.preset, **overrides).val_size <= 0:
-            raise ValueError("--val-size must be above 0: trials are judged on the validation split, never the test set")
+            raise InputError("--val-size must be above 0: trials are judged on the validation split, never the test set")
 
 
 def suggest(trial, params: dict[str, dict]) -> dict:

@@ -13,6 +13,8 @@ import warnings
 import zlib
 from pathlib import Path
 
+from fmnist.core.errors import InputError
+
 JOURNAL = "journal.log"
 LOCK_FILE = ".study.lock"
 LOCK_DIR = ".locks"
@@ -56,7 +58,7 @@ def open_storage(s):
         (s.study_dir / LOCK_DIR).mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(s.study_dir / JOURNAL)))
     if not s.storage.startswith(DB_SCHEMES):
-        raise ValueError(f"--storage {redact(s.storage)}: give postgresql://USER:PASSWORD@HOST:PORT/DATABASE, "
+        raise InputError(f"--storage {redact(s.storage)}: give postgresql://USER:PASSWORD@HOST:PORT/DATABASE, "
                          "or leave it out for a journal file in the study folder")
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -72,9 +74,9 @@ def open_storage(s):
                               heartbeat_interval=s.heartbeat, grace_period=3 * s.heartbeat,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
     except ImportError:
-        raise ValueError("--storage postgresql:// needs the PostgreSQL driver: pip install 'fmnist[postgres]'") from None
+        raise InputError("--storage postgresql:// needs the PostgreSQL driver: pip install 'fmnist[postgres]'") from None
     except Exception as e:  # SQLAlchemy and the driver raise many kinds; all mean 'cannot use this database'
-        raise ValueError(f"cannot use --storage {redact(s.storage)}: {_first_line(e)}") from None
+        raise InputError(f"cannot use --storage {redact(s.storage)}: {_first_line(e)}") from None
     finally:
         if lock is not None:
             lock.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 from fmnist.apps.tune.output import trial_folder
 from fmnist.apps.tune.space import Space, suggest
 from fmnist.apps.tune.storage import LOCK_DIR, MAX_RETRY, FileLock, make_lock, open_storage
+from fmnist.core.errors import InputError
 
 SPACE_ATTR = "fmnist_space"
 POLL_SECONDS = 1.0   # how often a worker with nothing to claim looks again while others' trials run
@@ -108,7 +109,7 @@ def load_or_create(s: Settings, storage, worker: int = 0):
     if stored is None and not study.trials:
         study.set_user_attr(SPACE_ATTR, identity)  # a creator that died before recording the space
     elif stored != identity:
-        raise ValueError(f"study {s.study!r} was created with another search space (differs in "
+        raise InputError(f"study {s.study!r} was created with another search space (differs in "
                          f"{_differences(stored or '{}', identity)}); repeat its options or choose another --study")
     # Distinct seeds for workers, and for later commands continuing the study (a repeated seed would repeat
     # the same random proposals).
@@ -200,7 +201,7 @@ def train_trial(trial, s: Settings, data) -> float:
     cfg = resolve_config(s.space.preset, **{"select": s.metric, **s.space.fixed, **values, **machine})
     out = s.study_dir / trial_folder(trial.number)
     if out.exists():
-        raise ValueError(f"{out} already exists, but the study's storage does not know trial {trial.number}: "
+        raise InputError(f"{out} already exists, but the study's storage does not know trial {trial.number}: "
                          "was the storage replaced? Choose another --study or --out")
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     pruned_at: list[int] = []

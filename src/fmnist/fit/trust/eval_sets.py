@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist.core.errors import InputError
+
 # Photos used for the "photo-crops" set. The cat (chelsea) is kept apart as the "animal" check.
 PHOTOS = ("astronaut", "camera", "coffee", "rocket", "coins", "moon", "brick", "grass", "gravel",
           "hubble_deep_field", "immunohistochemistry", "retina", "clock")
@@ -309,6 +311,6 @@ UNSEEN = ("icons", "misc-images")
 def build(name: str, n: int, test_images: np.ndarray, seed: int = 0):
     """The images of one set (a uint8 (N, 28, 28) array or a list of arrays); raises MissingExtra."""
     if name not in SETS:
-        raise ValueError(f"unknown OOD set {name!r}; choose from: {', '.join(SETS)}")
+        raise InputError(f"unknown OOD set {name!r}; choose from: {', '.join(SETS)}")
     rng = np.random.default_rng([seed, list(SETS).index(name)])
     return SETS[name][0](n, rng, np.asarray(test_images))

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmnist.core.errors import InputError
 from fmnist.core.ood import (
     BANK_SIZE,
     COMBINE,
@@ -34,12 +35,12 @@ def fit_detector(train_feats, train_labels, train_pixels, val_feats, val_pixels,
     parts = list(parts)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
-        raise ValueError(f"unknown OOD score(s) {', '.join(unknown) or '(none given)'}; "
+        raise InputError(f"unknown OOD score(s) {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(PARTS)}")
     if not 0 < target_accept < 1:
-        raise ValueError("the target acceptance rate must be between 0 and 1 (e.g. 0.98)")
+        raise InputError("the target acceptance rate must be between 0 and 1 (e.g. 0.98)")
     if "outlier" in parts and (outliers is None or train_logits is None):
-        raise ValueError("the outlier score is fitted on the training logits and on outliers "
+        raise InputError("the outlier score is fitted on the training logits and on outliers "
                          "(fmnist.fit.trust.outliers.procedural): pass train_logits and outliers")
     train_feats, train_labels = torch.as_tensor(train_feats), torch.as_tensor(train_labels)
     train_pixels = torch.as_tensor(train_pixels).reshape(-1, 28, 28).float()
@@ -52,7 +53,7 @@ def fit_detector(train_feats, train_labels, train_pixels, val_feats, val_pixels,
     det.config["standardise"] = {name: _robust_scale(torch.from_numpy(s)) for name, s in raw.items()}
     # the sorted validation scores: each part's p-values are read from them
     det = Detector({**tensors, **{f"tail.{n}": torch.from_numpy(np.sort(s)) for n, s in raw.items()}}, det.config)
-    val_scores = det.combine(det.standardised(val_feats, val_pixels, val_logits, in_sample=True))
+    val_scores = det.combine(det.evidences(val_feats, val_pixels, val_logits, in_sample=True))
     set_threshold(det, torch.from_numpy(val_scores), target_accept)
     det.config.update({
         "method": "sum of -log validation p-values: " + ", ".join(parts),

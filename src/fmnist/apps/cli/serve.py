@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from fmnist.apps.cli.flags import add_backend_flag
 from fmnist.apps.serve.settings import (
     DEFAULTS,
     FIELDS,
@@ -11,6 +12,7 @@ from fmnist.apps.serve.settings import (
     default_allowed_hosts,
     is_loopback,
 )
+from fmnist.core.errors import FmnistError, InputError
 
 HOST, PORT = "127.0.0.1", 8000
 
@@ -70,8 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"images per /api/predict/batch request (default: {d.max_batch})")
     p.add_argument("--threads", type=int, default=d.threads,
                    help=f"inference worker threads, each running the model on one thread (default: {d.threads})")
-    from fmnist.core.backends import add_backend_flag
-
     add_backend_flag(p)
     p.add_argument("--header-timeout", type=float, default=d.header_timeout,
                    help=f"seconds a client has to send a request's headers, from connecting or from the "
@@ -107,7 +107,7 @@ def register(sub, formatter_class) -> None:
 def settings_from_args(args) -> Settings:
     """The server's settings from the command line; ``ValueError`` naming the flag for a bad value."""
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+        raise InputError(f"--port must be between 1 and 65535, got {args.port}")
     values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     values["max_body"] = body_bytes(args.max_body_mb)
     if hasattr(args, "trusted_proxies"):
@@ -157,14 +157,12 @@ def main(argv=None) -> int:
     """``python -m fmnist.apps.serve RUN ...``: the same command without the rest of the CLI."""
     import sys
 
-    from fmnist.core.runfolder import CheckpointError
-
     p = argparse.ArgumentParser(prog="python -m fmnist.apps.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
     try:
         return cmd_serve(args)
-    except (ValueError, CheckpointError) as e:
+    except FmnistError as e:
         print(f"fmnist serve: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,22 @@
+"""Flags that several commands share; their help comes from :class:`~fmnist.fit.recipes.TrainConfig` where
+the option is one of a recipe's."""
+from __future__ import annotations
+
+from fmnist.core.backends import BACKENDS
+from fmnist.fit.recipes import FIELD_HELP
+
+
+def add_data_flags(p, threads: bool = True) -> None:
+    """The flags of every command that reads the data set: where it is, whether to check it, CPU threads."""
+    p.add_argument("--data-dir", default=None, help=FIELD_HELP["data_dir"])
+    p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
+    if threads:
+        p.add_argument("--threads", type=int, default=0, help=FIELD_HELP["threads"])
+
+
+def add_backend_flag(p) -> None:
+    """The ``--backend`` flag of predict, evaluate and serve."""
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="inference engine: torch (PyTorch), onnx (ONNX Runtime on RUN/model.onnx, written by "
+                        "`fmnist export`), onnx-int8 (RUN/model.int8.onnx, `fmnist export --int8`), auto (onnx "
+                        "where exported and installed, else torch) (default: auto)")
