@@ -9,6 +9,9 @@
     python benchmarks/serve_load.py --in-process RUN
     # good, odd and hostile uploads together: innocent failures, p99 of the good ones, the server's peak memory
     python benchmarks/serve_load.py --run RUN --mixed -n 2000 -c 16
+    # ordinary clients without, then with, one attacker (from 127.0.0.2) re-posting the costliest uploads and
+    # holding 300 slow sockets: the ordinary clients' throughput and p50/p99 in both cases
+    python benchmarks/serve_load.py --run RUN --attacker both --attacker-sockets 300 -n 2000 -c 16
 
 The client is a small asyncio HTTP/1.1 client with one keep-alive connection per concurrent client and
 the requests encoded in advance, so that it takes as little CPU as possible from the server it measures
@@ -239,6 +242,109 @@ async def load(host: str, port: int, requests: list[tuple[str, bytes]], n: int, 
     return result
 
 
+# --- an attacker (--attacker) ----------------------------------------------------------------------------------
+
+ATTACKER_ADDRESS = "127.0.0.2"  # another loopback address: the server sees another client
+
+
+def costly_uploads() -> list[bytes]:
+    """The costliest uploads we know under the default limits: a progressive JPEG whose smallest scan is
+    repeated 1,000 times (decoding it would take seconds; refused from its structure), one with as many scans
+    as the pixel-pass budget allows at 6000x6000, and a 40-megapixel PNG."""
+    import re
+
+    from PIL import Image
+
+    from fmnist.core.images import MAX_DECODE_WORK, MAX_PIXELS
+
+    def progressive(size: int, repeats: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("L", (size, size), 128).save(buf, "JPEG", progressive=True)
+        data = buf.getvalue()
+        starts = [m.start() for m in re.finditer(b"\xff\xda", data)]
+        end = data.rfind(b"\xff\xd9")
+        smallest = min((data[a:b] for a, b in zip(starts[1:], starts[2:] + [end])), key=len)
+        return data[:end] + smallest * repeats + data[end:]
+
+    base_scans = progressive(64, 0).count(b"\xff\xda")
+    under = MAX_DECODE_WORK // (6000 * 6000) - base_scans
+    big = io.BytesIO()
+    h, w = 5000, MAX_PIXELS // 5000
+    Image.fromarray(((np.arange(h)[:, None] + np.arange(w)[None, :]) % 251).astype(np.uint8)).save(big, "PNG")
+    return [progressive(2000, 1000), progressive(6000, max(under, 0)), big.getvalue()]
+
+
+async def repost(host: str, port: int, payloads: list[bytes], stop: asyncio.Event, counts: collections.Counter):
+    """Post the costly uploads again and again from the attacker's address, one at a time."""
+    i = 0
+    while not stop.is_set():
+        writer = None
+        try:
+            reader, writer = await asyncio.open_connection(host, port, local_addr=(ATTACKER_ADDRESS, 0))
+            writer.write(payloads[i % len(payloads)])
+            status, _, _ = await asyncio.wait_for(read_response(reader), 60)
+            counts[f"repost HTTP {status}"] += 1
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+            counts[f"repost {type(e).__name__}"] += 1
+            await asyncio.sleep(0.05)
+        finally:
+            if writer is not None:
+                writer.close()
+        i += 1
+
+
+async def slow_socket(host: str, port: int, body: bool, stop: asyncio.Event, counts: collections.Counter):
+    """One socket trickling a header line (or, with ``body``, an upload's body) a byte a second, reconnecting
+    a second after the server closes it."""
+    head = (f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100000\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n").encode()
+    while not stop.is_set():
+        writer = None
+        try:
+            reader, writer = await asyncio.open_connection(host, port, local_addr=(ATTACKER_ADDRESS, 0))
+            counts["slow connections"] += 1
+            writer.write(head + b"\r\n--b\r\n" if body else head + b"X-Slow: ")
+            while not stop.is_set() and not reader.at_eof():
+                writer.write(b"x")
+                await writer.drain()
+                try:
+                    answer = await asyncio.wait_for(reader.read(65536), 1.0)
+                    if answer[:12].startswith(b"HTTP/1.1 "):
+                        counts[f"slow HTTP {answer[9:12].decode()}"] += 1
+                except asyncio.TimeoutError:
+                    pass
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            if writer is not None:
+                writer.close()
+        await asyncio.sleep(1.0)
+
+
+async def load_attacked(host, port, requests, args, mode: str) -> dict:
+    """The ordinary clients' figures while an attacker (another address) runs ``mode``: repost, slow, both."""
+    stop, counts = asyncio.Event(), collections.Counter()
+    tasks = []
+    if mode in ("repost", "both"):
+        payloads = [multipart_request(host, port, img) for img in costly_uploads()]
+        tasks += [asyncio.ensure_future(repost(host, port, payloads, stop, counts)) for _ in range(2)]
+    if mode in ("slow", "both"):
+        n = args.attacker_sockets
+        tasks += [asyncio.ensure_future(slow_socket(host, port, i % 4 == 0, stop, counts)) for i in range(n)]
+    await asyncio.sleep(3)  # the attack in place before the ordinary clients start
+    try:
+        result = await load(host, port, requests, args.requests, args.concurrency, args.warmup, args.time_limit,
+                            args.timeout)
+    finally:
+        stop.set()
+        await asyncio.sleep(0)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    result["attacker"] = dict(counts)
+    return result
+
+
 def peak_memory_mb(pid: int) -> dict:
     """Peak and current resident memory of a process on this machine, from /proc (Linux)."""
     out = {}
@@ -348,6 +454,11 @@ def main(argv=None) -> int:
     p.add_argument("--mixed", action="store_true",
                    help="mix odd and hostile uploads with the good ones; report innocent failures, the p99 of "
                         "the good and odd ones and the server's peak memory (default: good uploads only)")
+    p.add_argument("--attacker", choices=["repost", "slow", "both"], default=None,
+                   help="measure the ordinary clients alone, then while an attacker from 127.0.0.2 re-posts the "
+                        "costliest uploads (repost), holds --attacker-sockets slow sockets (slow), or both")
+    p.add_argument("--attacker-sockets", type=int, default=300,
+                   help="--attacker slow/both: slow sockets the attacker holds (default: 300)")
     p.add_argument("--server-pid", type=int, default=None,
                    help="--url: the server's process id on this machine, to read its peak memory (default: none)")
     p.add_argument("--backends", default="auto",
@@ -357,9 +468,10 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="exit with status 1 if a goal is missed")
     args = p.parse_args(argv)
     if not (0 < args.requests <= MAX_REQUESTS and 0 < args.concurrency <= MAX_CONCURRENCY
-            and 0 < args.time_limit <= MAX_SECONDS and 0 < args.repeat <= MAX_REQUESTS):
+            and 0 < args.time_limit <= MAX_SECONDS and 0 < args.repeat <= MAX_REQUESTS
+            and 0 <= args.attacker_sockets <= 1000):
         p.error(f"keep it bounded: requests/repeat 1-{MAX_REQUESTS}, concurrency 1-{MAX_CONCURRENCY}, "
-                f"time limit up to {MAX_SECONDS} s")
+                f"time limit up to {MAX_SECONDS} s, attacker sockets up to 1000")
     images = sample_images(args.image)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if args.url and backends != ["auto"]:
@@ -390,6 +502,12 @@ def measure(args, images: list[bytes], backend: str) -> bool:
                     else [("good", multipart_request(host, port, img)) for img in images])
         result = asyncio.run(load(host, port, requests, args.requests, args.concurrency, args.warmup,
                                   args.time_limit, args.timeout))
+        if args.attacker:
+            attacked = asyncio.run(load_attacked(host, port, requests, args, args.attacker))
+            result = {"idle": result, "attacked": attacked,
+                      "throughput_kept": round(attacked["requests_per_s"] / max(result["requests_per_s"], 1e-9), 3),
+                      "p99_ratio": round(attacked["p99_ms"] / max(result["p99_ms"], 1e-9), 2),
+                      "answered_200_share": round(1 - attacked["errors"] / max(attacked["requests"], 1), 4)}
         pid = proc.pid if proc is not None else args.server_pid
         if pid is not None:
             result.update(peak_memory_mb(pid))
@@ -398,7 +516,7 @@ def measure(args, images: list[bytes], backend: str) -> bool:
             proc.terminate()
             proc.wait(timeout=20)
     result["url"] = url
-    ok, verdict = goals(result, args.mixed)
+    ok, verdict = attack_goals(result) if args.attacker else goals(result, args.mixed)
     report(result, args.json, verdict)
     return ok
 
@@ -416,6 +534,13 @@ def goals(result: dict, mixed: bool) -> tuple[bool, str]:
           and (peak is None or peak <= GOAL_PEAK_RSS_MB))
     return ok, (f"goal: 0 innocent failures, 0 server errors on hostile uploads, p99 <= {GOAL_P99_MS:g} ms, "
                 f"peak memory <= {GOAL_PEAK_RSS_MB} MB{'' if peak is not None else ' (not measured)'}: "
+                f"{'met' if ok else 'MISSED'}")
+
+
+def attack_goals(result: dict) -> tuple[bool, str]:
+    """Under attack: >= 80 % of the idle throughput, p99 <= 3x idle, >= 95 % of ordinary requests answered."""
+    ok = (result["throughput_kept"] >= 0.8 and result["p99_ratio"] <= 3.0 and result["answered_200_share"] >= 0.95)
+    return ok, ("goal under attack: >= 80 % of idle throughput, p99 <= 3x idle, >= 95 % answered 200: "
                 f"{'met' if ok else 'MISSED'}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 import socket
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -103,7 +104,7 @@ def test_a_decode_past_its_deadline_is_killed_and_the_server_goes_on(trained_run
         r = c.post("/api/predict", files={"file": ("slow.jpg", progressive_jpeg(2000, 1000))})
         assert r.status_code == 422 and "too long to decode" in r.json()["detail"], r.text
         assert time.monotonic() - start < 3
-        assert app.state.decoder.killed == 1
+        assert _killed(app) == 1
         ok = c.post("/api/predict", files={"file": ("ok.png", png(28, 28))})
         assert ok.status_code == 200, ok.text
 
@@ -117,10 +118,31 @@ def test_decoding_stops_when_the_client_goes(trained_run):
             s.sendall(_head("/api/predict", ctype, len(body)) + body)
             time.sleep(0.5)  # the decoding has started
         deadline = time.monotonic() + 5
-        while app.state.decoder.killed == 0 and time.monotonic() < deadline:
+        while _killed(app) == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert app.state.decoder.killed == 1
+        assert _killed(app) == 1
         assert _status(port, png(28, 28)) == 200
+
+
+def _killed(app) -> int:
+    return app.state.decoder.killed + app.state.large_decoder.killed
+
+
+def test_small_uploads_do_not_wait_behind_a_large_one(trained_run):
+    app = create_app(trained_run, max_decode_work=10**12, decode_timeout=30)
+    with TestClient(app, base_url="http://localhost") as c:
+        assert c.post("/api/predict", files={"file": ("ok.png", png(28, 28))}).status_code == 200
+        slow = threading.Thread(target=c.post, args=("/api/predict",),
+                                kwargs={"files": {"file": ("slow.jpg", progressive_jpeg(2000, 1500))}})
+        slow.start()  # about 6 s of decoding, in the low-priority process
+        try:
+            time.sleep(0.5)
+            start = time.monotonic()
+            for _ in range(5):
+                assert c.post("/api/predict", files={"file": ("ok.png", png(28, 28))}).status_code == 200
+            assert time.monotonic() - start < 3
+        finally:
+            slow.join(30)
 
 
 # --- fairness between clients ------------------------------------------------------------------------------------

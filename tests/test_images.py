@@ -268,17 +268,23 @@ def _gif_of_many_frames(frames: int) -> bytes:
 
 
 def test_gif_with_many_frames_is_not_walked(monkeypatch):
-    """Only the first frame is read: counting frames (n_frames) would parse all 200,000 of them."""
+    """Only the first frame is read (n_frames would parse all of them); the frames are counted from the file's
+    blocks, a walk that stops at a bound."""
     from PIL import GifImagePlugin
 
-    data = _gif_of_many_frames(200_000)
-    assert len(data) < 5_000_000
+    data = _gif_of_many_frames(50_000)
     seeks = []
     real = GifImagePlugin.GifImageFile._seek
     monkeypatch.setattr(GifImagePlugin.GifImageFile, "_seek",
                         lambda self, frame, update_image=True: seeks.append(frame) or real(self, frame, update_image))
-    im = decode_image(data)
+    im = decode_image(data, max_frames=1_000_000)
     assert im.size == (1, 1) and len(seeks) <= 2
+    with pytest.raises(ImageError, match="more than 1,000 frames"):  # by default, refused from its structure
+        decode_image(data)
+    many = _gif_of_many_frames(200_000)
+    assert len(many) < 5_000_000
+    with pytest.raises(ImageError, match="more than 200,000 data blocks"):
+        decode_image(many, max_frames=1_000_000)
 
 
 def test_png_and_jpeg_with_endless_empty_parts_are_refused():

@@ -227,13 +227,23 @@ def _gif_frames(data: bytes, limit: int) -> int:
         while pos < len(data) and data[pos]:  # sub-blocks until the zero-length terminator
             blocks += 1
             if blocks > MAX_GIF_BLOCKS:
-                return limit + 1
+                raise ImageTooCostly(f"image too costly to decode: the GIF has more than {MAX_GIF_BLOCKS:,} data "
+                                     "blocks; please upload a still image")
             pos += 1 + data[pos]
         pos += 1
     return count
 
 
-def _check_work(data: bytes, im: Image.Image, max_work: int, max_frames: int) -> None:
+class Deferred(Exception):
+    """Raised by :func:`decode_image` before decoding, for an image whose work passes ``defer_above``: the
+    caller decodes it elsewhere (a server, in a process of lower priority)."""
+
+    def __init__(self, work: int):
+        super().__init__(f"{work:,} pixel-passes")
+        self.work = work
+
+
+def _check_work(data: bytes, im: Image.Image, max_work: int, max_frames: int, defer_above: int | None) -> None:
     fmt = im.format or ""
     passes = _passes(data, fmt)
     work = im.width * im.height * passes
@@ -246,6 +256,8 @@ def _check_work(data: bytes, im: Image.Image, max_work: int, max_frames: int) ->
     if frames > max_frames:
         raise ImageTooCostly(f"image too costly to decode: more than {max_frames:,} frames (the limit); "
                              "please upload a still image")
+    if defer_above is not None and work > defer_above:
+        raise Deferred(work)
 
 
 def _bomb(max_pixels: int) -> ImageTooLarge:
@@ -309,7 +321,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
                  max_pixels: int = MAX_PIXELS, max_work: int = MAX_DECODE_WORK,
-                 max_frames: int = MAX_FRAMES) -> Image.Image:
+                 max_frames: int = MAX_FRAMES, defer_above: int | None = None) -> Image.Image:
     """Decode untrusted image bytes (or a file path) into a fully loaded Pillow image.
 
     Returns the first frame, EXIF orientation applied, in the file's own mode (``L``, ``RGB``, ``RGBA``,
@@ -318,7 +330,8 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
     Raises :class:`ImageTooLarge` if ``width * height > max_pixels`` (checked from the header, before
     decoding), :class:`ImageTooCostly` if decoding would cost more than ``max_work`` pixel-passes (pixels
     times a progressive JPEG's scans) or the file declares more than ``max_frames`` frames (both counted from
-    its structure, before decoding), and :class:`ImageError` for anything that is not a decodable PNG/JPEG/BMP/GIF/WebP/TIFF
+    its structure, before decoding), :class:`Deferred` (not an ImageError) if that work passes
+    ``defer_above``, and :class:`ImageError` for anything that is not a decodable PNG/JPEG/BMP/GIF/WebP/TIFF
     image.
     """
     data = _as_bytes(data)
@@ -339,7 +352,7 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike,
             else:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = _open(data, max_pixels)
-            _check_work(data, im, max_work, max_frames)
+            _check_work(data, im, max_work, max_frames, defer_above)
             try:
                 # First frame of animated GIF/WebP/APNG/multi-page TIFF (open() leaves us on it; be explicit).
                 # Not n_frames: for GIF and TIFF it walks every frame, and a few MB can hold 300,000 of them.

@@ -156,16 +156,18 @@ async def _lifespan(app: FastAPI):
     gc.collect()
     gc.freeze()
     app.state.predictor = predictor
-    decoder = None
+    decoder = large = None
     if s.decode_workers:
         from fmnist.apps.serve.decoding import DecodePool
 
-        decoder = DecodePool(s.decode_workers, s.decode_timeout, s.max_pixels, s.max_decode_work, s.max_frames,
-                             s.max_request_pixels)
+        limits = (s.decode_timeout, s.max_pixels, s.max_decode_work, s.max_frames, s.max_request_pixels)
+        decoder = DecodePool(s.decode_workers, *limits, defer_above=s.large_image_work)
+        large = DecodePool(1, *limits, niceness=10)
         decoder.start()
-    app.state.decoder = decoder
+        large.start()
+    app.state.decoder, app.state.large_decoder = decoder, large
     app.state.batcher = Batcher(predictor, s.max_pixels, workers=s.threads, max_images=max(64, s.max_batch),
-                                decoder=decoder, max_request_pixels=s.max_request_pixels,
+                                decoder=decoder, large_decoder=large, max_request_pixels=s.max_request_pixels,
                                 max_decode_work=s.max_decode_work, max_frames=s.max_frames)
     app.state.model_info = json.dumps(jsonable(_model_info(predictor, s))).encode()
     log.info("serving %s (%s on %s), threshold %.2f, %d worker thread(s), %d decoding process(es)", s.run_dir,
@@ -174,8 +176,9 @@ async def _lifespan(app: FastAPI):
     try:
         yield
     finally:
-        if decoder is not None:
-            decoder.close()
+        for pool in (decoder, large):
+            if pool is not None:
+                pool.close()
 
 
 def _warm_up(predictor) -> None:

@@ -19,17 +19,19 @@ import logging
 import anyio
 
 from fmnist.apps.serve import inference
+from fmnist.core.images import Deferred
 
 log = logging.getLogger("fmnist.apps.serve")
 
 
 class Batcher:
     def __init__(self, predictor, max_pixels: int, workers: int = 1, max_images: int = 64, decoder=None,
-                 max_request_pixels: int | None = None, max_decode_work: int | None = None,
+                 large_decoder=None, max_request_pixels: int | None = None, max_decode_work: int | None = None,
                  max_frames: int | None = None):
         self.predictor = predictor
         self.max_pixels = max_pixels
         self.decoder = decoder  # a DecodePool (decoding in worker processes, with a deadline), or None
+        self.large_decoder = large_decoder  # the pool for the images the first one defers
         self.max_request_pixels = max_request_pixels
         self.limits = {k: v for k, v in (("max_work", max_decode_work), ("max_frames", max_frames)) if v}
         self.workers = workers
@@ -49,7 +51,11 @@ class Batcher:
         for i, (name, data) in enumerate(uploads):
             try:
                 if self.decoder is not None:
-                    image, pixels = await self.decoder.prepare(data, left if left is not None else 1 << 62)
+                    budget = left if left is not None else 1 << 62
+                    try:
+                        image, pixels = await self.decoder.prepare(data, budget)
+                    except Deferred:  # a large image: to the low-priority process
+                        image, pixels = await self.large_decoder.prepare(data, budget)
                     images.append(image)
                     if left is not None:
                         left -= pixels

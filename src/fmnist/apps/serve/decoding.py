@@ -4,10 +4,15 @@ that have gone.
 :func:`fmnist.core.images.decode_image` bounds the work a decoder may do before it starts (pixels, pixels
 times progressive scans, frames, chunks), but a decoder is C code that Python cannot interrupt: what if some
 file still makes it run for minutes? Here each upload is decoded and brought to the 28x28 image the model
-sees (:func:`prepare`) in one of ``workers`` processes of their own. One that passes ``timeout`` seconds on
-an image is killed, and the upload is answered 422; so is one whose request is cancelled (its client gone).
-A new process takes its place (forked from a small server process that has imported NumPy and Pillow once,
-about 10 ms). The inference threads never run a decoder, so an upload cannot hold the model's path.
+sees (:func:`prepare`) in a process of its own (``python -m fmnist.apps.serve.decoding``). One that
+passes ``timeout`` seconds on an image is killed, and the upload is answered 422; so is one whose request is
+cancelled (its client gone). A new process is started at once in its place (it takes about 0.5 s to be
+ready). The inference threads never run a decoder, so an upload cannot hold the model's path.
+
+The server has two pools: small images (up to ``--large-image-work`` pixel-passes, what nearly every
+upload is) are decoded by ``--decode-workers`` processes at normal priority; the first look at a larger
+one's header sends it to one process of lower priority (nice 10), so that ordinary uploads never queue
+behind a large one, and large ones get the CPU that the ordinary traffic leaves.
 
 Everything here runs on the event loop; the parent only writes the upload to a pipe and waits for the
 answer without a thread (``loop.add_reader``).
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist.core.images import ImageError
+from fmnist.core.images import Deferred, ImageError
 
 log = logging.getLogger("fmnist.apps.serve")
 
@@ -38,17 +43,19 @@ class DecodeTimeout(ImageError):
 
 
 def prepare(data: bytes, max_pixels: int, max_work: int, max_frames: int, request_pixels: int = 0,
-            pixels_left: int | None = None) -> tuple[np.ndarray, int]:
+            defer_above: int = 0, pixels_left: int | None = None) -> tuple[np.ndarray, int]:
     """Decode one upload and prepare it: (the uint8 (28, 28) image the model sees, its pixels). What a worker
     runs. ``pixels_left``: what the upload's request may still decode of its ``request_pixels`` (refused with
-    413 past it)."""
+    413 past it). ``defer_above`` > 0: raise :class:`~fmnist.core.images.Deferred`, without decoding, for
+    an image whose work is over it."""
     from fmnist.apps.serve.inference import TRIM_PIXELS, release_memory
     from fmnist.core.images import ImageTooCostly, ImageTooLarge, decode_image
     from fmnist.core.preprocess import to_dataset_format
 
     limit = max_pixels if pixels_left is None else max(1, min(max_pixels, pixels_left))
     try:
-        image = decode_image(data, max_pixels=limit, max_work=max_work, max_frames=max_frames)
+        image = decode_image(data, max_pixels=limit, max_work=max_work, max_frames=max_frames,
+                             defer_above=defer_above or None)
     except ImageTooCostly:
         raise
     except ImageTooLarge:
@@ -74,7 +81,10 @@ def _worker() -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
-    limits = tuple(int(v) for v in sys.argv[1:5])
+    limits = tuple(int(v) for v in sys.argv[1:6])
+    niceness = int(sys.argv[6])
+    if niceness:
+        os.nice(niceness)
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed goes to the log, not into the answers
 
@@ -94,6 +104,8 @@ def _worker() -> None:
             return
         try:
             outcome = ("ok", *prepare(data, *limits, pixels_left=left))
+        except Deferred:
+            outcome = ("deferred",)
         except ImageError as e:
             outcome = ("image", e.status, str(e))
         except MemoryError:
@@ -107,13 +119,13 @@ def _worker() -> None:
 class _Process:
     """One worker process, started at once; ``ready`` once it has said so."""
 
-    def __init__(self, limits):
+    def __init__(self, limits, niceness: int = 0):
         import fmnist
 
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         src = str(Path(fmnist.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-        self.process = subprocess.Popen([sys.executable, "-m", "fmnist.apps.serve.decoding", *map(str, limits)],
+        self.process = subprocess.Popen([sys.executable, "-m", "fmnist.apps.serve.decoding", *map(str, limits), str(niceness)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0)
         self.ready = False
 
@@ -155,13 +167,17 @@ def _read_exactly(pipe, size: int) -> bytes:
 
 
 class DecodePool:
-    """``workers`` decoding processes, each preparing one upload at a time, with a ``timeout`` per upload."""
+    """``workers`` decoding processes, each preparing one upload at a time, with a ``timeout`` per upload.
+
+    ``defer_above`` > 0: images whose work passes it are not decoded (:class:`Deferred`, for another pool);
+    ``niceness``: the workers' scheduling priority, lowered by that much."""
 
     def __init__(self, workers: int, timeout: float, max_pixels: int, max_work: int, max_frames: int,
-                 request_pixels: int):
+                 request_pixels: int, defer_above: int = 0, niceness: int = 0):
         self.workers = workers
         self.timeout = timeout
-        self.limits = (max_pixels, max_work, max_frames, request_pixels)
+        self.limits = (max_pixels, max_work, max_frames, request_pixels, defer_above)
+        self.niceness = niceness
         self._idle: list[_Process] = []
         self._free = asyncio.Semaphore(workers)
         self._all: set[_Process] = set()
@@ -173,7 +189,7 @@ class DecodePool:
             self._idle.append(self._spawn())
 
     def _spawn(self) -> _Process:
-        proc = _Process(self.limits)
+        proc = _Process(self.limits, self.niceness)
         self._all.add(proc)
         return proc
 
@@ -217,6 +233,8 @@ class DecodePool:
         kind = outcome[0]
         if kind == "ok":
             return outcome[1], outcome[2]
+        if kind == "deferred":
+            raise Deferred(0)
         if kind == "image":
             error = ImageError(outcome[2])
             error.status = outcome[1]

@@ -29,6 +29,7 @@ class Settings:
     max_request_pixels: int = 4 * MAX_PIXELS  # pixels decoded for one request, all its images together
     decode_timeout: float = 5.0  # seconds one image may take to decode and prepare; then its worker is killed
     decode_workers: int = 1  # decoding processes (0: decode on the inference threads, with no deadline)
+    large_image_work: int = 4_000_000  # pixel-passes over which an image is decoded by the low-priority process
     max_concurrency: int = 32  # predict requests with their body received, in flight before 503
     max_uploads: int = 64  # predict requests receiving their body at once, before 503
     max_connections: int = 256  # open connections; more are answered 503 and closed
@@ -51,7 +52,8 @@ class Settings:
     def __post_init__(self):
         for name in ("max_body", "max_pixels", "max_concurrency", "max_uploads", "max_connections", "threads",
                      "max_batch", "max_header_bytes", "max_headers", "max_decode_work", "max_frames",
-                     "max_request_pixels", "max_connections_per_client", "max_uploads_per_client"):
+                     "max_request_pixels", "max_connections_per_client", "max_uploads_per_client",
+                     "large_image_work"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{_flag(name)} must be a whole number >= 1, got {value!r}")
