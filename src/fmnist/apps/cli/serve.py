@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-workers", type=int, default=d.decode_workers,
                    help=f"decoding processes; 0 decodes on the inference threads, with no deadline and no "
                         f"per-request budget (default: {d.decode_workers})")
+    p.add_argument("--large-image-work", type=int, default=d.large_image_work,
+                   help=f"pixel-passes over which an image is decoded by a separate process of lower priority, "
+                        f"so that small uploads never wait behind it (default: {d.large_image_work:,})")
     p.add_argument("--max-concurrency", type=int, default=d.max_concurrency,
                    help=f"prediction requests in progress at once, counted from when their body is in; more "
                         f"get 503 with Retry-After (default: {d.max_concurrency})")
