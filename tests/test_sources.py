@@ -390,3 +390,18 @@ def test_fit_to_data_mirror_and_val_size():
     asked = dataclasses.replace(cfg, mirror=True) if hasattr(cfg, "mirror") else None
     if asked is not None:
         assert sources.fit_to_data(asked, sym(False), 60_000)[0].augment == "flip,crop"
+
+
+def test_fit_to_data_small_set_scales_the_tables_batch():
+    import dataclasses
+
+    from fmnist.fit.recipes import TrainConfig
+
+    sym = dataclasses.make_dataclass("D", [("mirror_symmetric", bool)])(True)
+    cfg = TrainConfig(batch_size=256, lr=0.2, val_size=200, augment="none", tta=False)
+    out, notes = sources.fit_to_data(cfg, sym, 1_400, table_row=True)
+    assert (out.batch_size, out.lr) == (32, 0.025) and "small training set" in notes[-1]
+    assert sources.fit_to_data(cfg, sym, 1_400)[0].batch_size == 256  # a recipe given in full is kept
+    given = dataclasses.replace(cfg, pinned="batch_size")
+    assert sources.fit_to_data(given, sym, 1_400, table_row=True)[0].batch_size == 256
+    assert sources.fit_to_data(cfg, sym, 60_000, table_row=True)[0].batch_size == 256

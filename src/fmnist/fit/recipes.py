@@ -86,6 +86,20 @@ class TrainConfig:
         "folder holding the four IDX files (default: search: FMNIST_DATA, Debian's folder, the "
         'cache)'
     )})
+    data: str | None = field(default=None, metadata={"help": (
+        "your own data set: a folder of four IDX files, a training CSV (label,pixel1,...) with --test-data, a "
+        "folder of both CSVs, or an image folder train/CLASS/* and test/CLASS/* (docs/your-data.md; default: "
+        "Fashion-MNIST)"
+    )})
+    test_data: str | None = field(default=None, metadata={"help": "the test CSV that goes with --data TRAIN.csv"})
+    class_names: str | None = field(default=None, metadata={"help": (
+        "class names, one a line (UTF-8; default: the image folder's names, classes.json, or the labels)"
+    )})
+    # flips and mirrored TTA: None = only for a data set known mirror-symmetric
+    mirror: bool | None = field(default=None, metadata={"help": (
+        "allow mirrored augmentation (flip) and mirrored test-time views (default: only for a data set known to "
+        "look the same mirrored: Fashion-MNIST, or a classes.json saying so); --no-mirror: never"
+    )})
     preset: str | None = None
     pinned: str = ""                # model auto: the recipe options given explicitly, kept over the table row's
 
@@ -209,7 +223,8 @@ def _table_values(base: dict, given: dict) -> dict:
 
 
 # What each TrainConfig field may hold in a config.json (the annotations are strings: postponed evaluation).
-_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None))}
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None)),
+               "bool | None": (bool, type(None))}
 
 
 def read_config(path) -> TrainConfig:

@@ -642,10 +642,17 @@ def dataset_info(data) -> dict:
             "image_size": list(getattr(data, "image_size", (_SIZE, _SIZE)))}
 
 
-def fit_to_data(cfg, data, n_train: int):
+#: An epoch of the epoch table's recipes holds at least this many steps: on a small data set a table row (sized for
+#: 50,000 training images) gets a smaller batch and, in proportion, a smaller learning rate.
+MIN_STEPS_PER_EPOCH = 30
+
+
+def fit_to_data(cfg, data, n_train: int, table_row: bool = False):
     """``cfg`` fitted to the data set: without mirrored augmentation and test-time views unless the data set is
     known mirror-symmetric or ``cfg.mirror`` is True (False: never), and a validation split that leaves most of a
-    small training set to train on. Returns (config, notes)."""
+    small training set to train on. ``table_row``: the recipe is the epoch table's (model auto), whose batch size
+    and learning rate (unless given, ``cfg.pinned``) are scaled down for a small training set. Returns (config,
+    notes)."""
     import dataclasses
 
     notes = []
@@ -661,4 +668,44 @@ def fit_to_data(cfg, data, n_train: int):
         val = n_train // 6
         notes.append(f"validation split {val:,} of the {n_train:,} training images (asked for {cfg.val_size:,})")
         cfg = dataclasses.replace(cfg, val_size=val)
+    pinned = set(filter(None, str(getattr(cfg, "pinned", "")).split(",")))
+    train_images = cfg.subset or n_train - cfg.val_size
+    if table_row and "batch_size" not in pinned and train_images // cfg.batch_size < MIN_STEPS_PER_EPOCH:
+        batch = cfg.batch_size
+        while batch > 16 and train_images // batch < MIN_STEPS_PER_EPOCH:
+            batch //= 2
+        lr = cfg.lr if "lr" in pinned else cfg.lr * batch / cfg.batch_size
+        notes.append(f"small training set: batch {batch}, lr {lr:g} (the table's row: batch {cfg.batch_size}, "
+                     f"lr {cfg.lr:g})")
+        cfg = dataclasses.replace(cfg, batch_size=batch, lr=lr)
     return cfg, notes
+
+
+def data_from_args(args, run_dir=None):
+    """The data set of a command's flags (``--data``, ``--test-data``, ``--class-names``, ``--data-dir``,
+    ``--no-verify``); without ``--data``, a run's own data set (its config.json) where ``run_dir`` names a run
+    trained on one, else the official Fashion-MNIST."""
+    data, test_data, names = (getattr(args, k, None) for k in ("data", "test_data", "class_names"))
+    if data is None and run_dir is not None:
+        from fmnist.core.runfolder import CONFIG
+
+        cfg_path = Path(run_dir) / CONFIG
+        if cfg_path.is_file():
+            try:
+                cfg = json.loads(cfg_path.read_text())
+            except (OSError, ValueError):
+                cfg = {}
+            if isinstance(cfg, dict) and cfg.get("data"):
+                data, test_data = cfg["data"], cfg.get("test_data")
+                names = names or cfg.get("class_names")
+    return load_data(data, test_data, names, getattr(args, "data_dir", None),
+                     verify=not getattr(args, "no_verify", False))
+
+
+def check_run_classes(run_names, data) -> None:
+    """Refuse to score a run on a data set of other classes."""
+    names = list(getattr(data, "class_names", ())) or None
+    if names is not None and len(names) != len(run_names):
+        raise DataError(f"{getattr(data, 'source', 'the data')}: {len(names)} classes, but the run knows "
+                        f"{len(run_names)} ({', '.join(run_names[:5])}{', ...' if len(run_names) > 5 else ''}); "
+                        "give the run's data set with --data.")

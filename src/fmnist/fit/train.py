@@ -104,7 +104,8 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.model = create_model(model.arch_name).to(next(model.parameters()).device)
+        self.model = create_model(model.arch_name, num_classes=model.head.out_features).to(
+            next(model.parameters()).device)
         self.model.load_state_dict(model.state_dict())
         self.model.eval().requires_grad_(False)
 
@@ -163,11 +164,11 @@ def prepare_data(cfg: TrainConfig, data, device) -> Data:
                 preprocess(data.train_images[val_idx], spec), data.train_labels[val_idx], spec)
 
 
-def build(cfg: TrainConfig, device) -> State:
+def build(cfg: TrainConfig, device, num_classes: int = len(CLASS_NAMES)) -> State:
     """Model, optimiser, EMA and the generator of shuffling and augmentation, seeded (in this order: the
     EMA copy draws its own initial weights from the global RNG, which dropout uses afterwards)."""
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=len(CLASS_NAMES)).to(device)
+    model = create_model(cfg.model, num_classes=num_classes).to(device)
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     opt = make_optimizer(cfg, model)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
@@ -347,7 +348,7 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     ``trust=False`` skips the calibration/OOD/candidate-set fit (benchmarks that only read accuracy): the run
     folder then answers without calibrated confidences or an OOD gate, like a run of an older fmnist.
     """
-    from fmnist.fit.data import load_fashion_mnist
+    from fmnist.fit.sources import dataset_info, fit_to_data, load_data
 
     t_start = time.monotonic()
     if resume is not None and overwrite:
@@ -362,13 +363,19 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     if resume is None:
         _check_out(out, overwrite, ctx)
     device = distributed.place(runtime.setup(cfg.threads or distributed.default_threads(ctx), cfg.device), ctx)
-    data = data if data is not None else load_fashion_mnist(cfg.data_dir)
+    data = data if data is not None else load_data(cfg.data, cfg.test_data, cfg.class_names, cfg.data_dir)
+    dataset = dataset_info(data)
+    cfg, notes = fit_to_data(cfg, data, len(data.train_labels))
     d = prepare_data(cfg, data, device)
+    from fmnist.fit.recipes import AUTO_MODELS
     from fmnist.fit.trust.fit import cost_seconds
 
+    table_row = cfg.model in AUTO_MODELS
     cfg, recipe_note, elapsed_before = _size_recipe(cfg, d, device, ctx, cost_seconds(0.0))
+    cfg, more = fit_to_data(cfg, data, len(data.train_labels), table_row)  # the table's row may flip images
+    notes += [n for n in more if n not in notes]
     precision = runtime.resolve_precision(cfg.precision, device, cfg.batch_size)
-    st = build(cfg, device)
+    st = build(cfg, device, len(dataset["class_names"]))
     if saved is not None:
         elapsed_before = restore(saved, st, out / LAST)
     st.wrapped = distributed.wrap(st.model, ctx, device)
@@ -377,9 +384,12 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     say = _start_run(cfg, out, st, d, device, precision, ctx, quiet, resumed=resume is not None)
     if recipe_note:
         say(recipe_note)
+    for note in notes:
+        say(note)
     budget = TimeBudget(cfg.time_budget, len(d.y_val), cfg.tta, lambda v: cost_seconds(v, precision),
                         elapsed_before)
-    data_info = {"source": getattr(data, "source", None), "checksums": getattr(data, "checksums", {})}
+    data_info = {"source": getattr(data, "source", None), "checksums": getattr(data, "checksums", {}),
+                 "dataset": dataset}
     job = Job(cfg, d, budget, precision, out, data_info, ctx)
     _loop(job, st, say, on_epoch_end, quiet, max_steps)
     return _finish(job, st, data, device, say, t_start, trust)
@@ -514,7 +524,7 @@ def _finish(job: Job, st: State, data, device, say, t_start: float, trust: bool 
 
 def _model_meta(cfg: TrainConfig, data_info: dict, row: dict, best: dict, spec: dict) -> dict:
     return {
-        "class_names": list(CLASS_NAMES),
+        "class_names": data_info["dataset"]["class_names"],
         "preprocessing": spec,
         "tta": cfg.tta,
         "best_epoch": best["epoch"],
@@ -523,7 +533,8 @@ def _model_meta(cfg: TrainConfig, data_info: dict, row: dict, best: dict, spec: 
         "recipe": {k: getattr(cfg, k) for k in ("preset", "optimizer", "lr", "batch_size", "schedule", "augment",
                                                   "label_smoothing", "weight_decay", "ema", "time_budget",
                                                   "epochs", "seed")},
-        "data": data_info,
+        "data": {k: v for k, v in data_info.items() if k != "dataset"},
+        "dataset": {k: v for k, v in data_info["dataset"].items() if k != "class_names"},
         "created": created_now(),
     }
 
