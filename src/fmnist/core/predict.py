@@ -49,6 +49,7 @@ class Predictor:
         self.run = run
         self.backend = backend if backend is not None else run.backend()
         self.class_names = run.class_names
+        self.dataset = run.dataset
         self.top_k = max(1, min(top_k, len(self.class_names)))
         self.detector = run.detector
         self.confidence_threshold = (run.confidence_threshold if confidence_threshold is None

@@ -79,6 +79,9 @@ class Run:
                                             "thresholds.confidence", where, 0.0, 1.0)
         self.metrics: dict = meta.get("metrics") or {}
         self.recipe: dict = meta.get("recipe") or {}
+        # What the data set is; a run trained before runs recorded it is Fashion-MNIST.
+        self.dataset: dict = {**FASHION_DATASET, **(meta.get("dataset") or {})} if meta.get("dataset") else dict(
+            FASHION_DATASET)
         self.best_epoch = meta.get("best_epoch")
         self.select: str = meta.get("select", "")
         self.parameters = meta.get("parameters")
@@ -165,6 +168,10 @@ class Run:
         write_json(self.path / MODEL_JSON, meta)
 
 
+#: The ``dataset`` section of a run that has none (trained before runs recorded their data set).
+FASHION_DATASET = {"name": "fashion-mnist", "mirror_symmetric": True, "descriptions": {}}
+
+
 def _check_meta(meta, where: Path) -> None:
     """Structure and values of model.json, with one clear error naming the file."""
     if not isinstance(meta, dict):
@@ -179,6 +186,9 @@ def _check_meta(meta, where: Path) -> None:
     if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
             or len(set(names)) != len(names)):
         raise CheckpointError(f"{where}: class_names must be a list of distinct names, got {names!r}")
+    dataset = meta.get("dataset")
+    if isinstance(dataset, dict) and not isinstance(dataset.get("descriptions", {}), dict):
+        raise CheckpointError(f"{where}: dataset.descriptions must be an object (class name -> text)")
     if not isinstance(meta.get("model"), str):
         raise CheckpointError(f"{where}: model must name an architecture, got {meta.get('model')!r}")
     spec = meta.get("preprocessing")
@@ -193,7 +203,7 @@ def _check_meta(meta, where: Path) -> None:
     if onnx is not None and not (isinstance(onnx, dict) and isinstance(onnx.get("files", {}), dict)
                                  and all(isinstance(f, dict) for f in onnx.get("files", {}).values())):
         raise CheckpointError(f"{where}: onnx must be an object whose files are objects (written by fmnist export)")
-    for key in ("calibration", "ood", "conformal", "thresholds", "metrics", "recipe"):
+    for key in ("calibration", "ood", "conformal", "thresholds", "metrics", "recipe", "dataset"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise CheckpointError(f"{where}: {key} must be an object")
 

@@ -191,7 +191,7 @@ def _model_info(predictor, s: Settings) -> dict:
     info = predictor.info()
     info.update(
         name=s.run_dir.resolve().name,
-        classes=class_info(predictor.class_names),
+        classes=class_info(predictor.class_names, getattr(predictor, "dataset", None)),
         reasons=REASON_TEXTS,
         generic_reason=GENERIC_REASON,
         verdicts=VERDICT_TEXTS,

@@ -42,7 +42,12 @@ VERDICT_TEXTS = {
 }
 
 
-def class_info(class_names) -> list[dict]:
-    """[{"id", "name", "description"}] for the model's classes (unknown names get an empty description)."""
-    return [{"id": i, "name": name, "description": CLASS_DESCRIPTIONS.get(name, "")}
+def class_info(class_names, dataset: dict | None = None) -> list[dict]:
+    """[{"id", "name", "description"}] for the model's classes. The garment descriptions are Fashion-MNIST's
+    (``dataset`` None: a run that did not record its data set is Fashion-MNIST); another data set's come from
+    its classes.json, recorded in the run (``dataset["descriptions"]``); a class without one gets ""."""
+    dataset = dataset or {"name": "fashion-mnist"}
+    own = dataset.get("descriptions") or {}
+    known = CLASS_DESCRIPTIONS if dataset.get("name") == "fashion-mnist" else {}
+    return [{"id": i, "name": name, "description": own.get(name) or known.get(name, "")}
             for i, name in enumerate(class_names)]
