@@ -101,12 +101,13 @@ def evaluate_run(run_dir, data=None, tta: bool | None = None, limit: int | None 
     ``backend``: torch, onnx or auto (:meth:`fmnist.core.run.Run.backend`); the metrics record which one ran."""
     from fmnist.core.run import Run
     from fmnist.core.runfolder import write_json
-    from fmnist.fit.data import load_fashion_mnist
+    from fmnist.fit.sources import check_run_classes, data_from_args
 
     dev = runtime.setup(threads, device)
     run = Run.load(run_dir, detector=False)
     backend = run.backend(backend, dev, threads=threads or runtime.physical_cores())
-    data = data or load_fashion_mnist()
+    data = data or data_from_args(None, run_dir)
+    check_run_classes(run.class_names, data)
     images, labels = data.test_images, data.test_labels
     if limit:
         images, labels = images[:limit], labels[:limit]

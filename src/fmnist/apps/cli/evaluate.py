@@ -43,13 +43,13 @@ def probability(text: str) -> float:
 
 
 def cmd_evaluate(args) -> int:
-    from fmnist.fit.data import load_fashion_mnist
     from fmnist.fit.evaluate import evaluate_run, format_report
+    from fmnist.fit.sources import data_from_args
 
-    data = load_fashion_mnist(args.data_dir, verify=not args.no_verify)
+    data = data_from_args(args, args.run)
     m = evaluate_run(args.run, data=data, tta=args.tta, limit=256 if args.dry_run else None,
                      write=not args.dry_run, threads=args.threads or None, backend=args.backend)
-    print(format_report(m, title=f"{args.run} on the official test set" if not args.dry_run else "dry run"))
+    print(format_report(m, title=f"{args.run} on the {'official' if getattr(data, 'name', '') == 'fashion-mnist' else 'data set' + chr(39) + 's'} test set" if not args.dry_run else "dry run"))
     if m["tta"]:
         print(f"\nwith mirrored TTA {100 * m['accuracy']:.2f} %, without {100 * m['accuracy_no_tta']:.2f} %")
     if not args.dry_run:

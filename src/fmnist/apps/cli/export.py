@@ -35,7 +35,7 @@ def add_arguments(p) -> None:
 
 def cmd_export(args) -> int:
     from fmnist.fit import runtime
-    from fmnist.fit.data import load_fashion_mnist
+    from fmnist.fit.sources import data_from_args
 
     if args.calibration_images < 1 or args.limit < 0 or args.opset < 1:
         raise InputError("--calibration-images and --opset must be positive, --limit at least 0")
@@ -44,7 +44,7 @@ def cmd_export(args) -> int:
     Run.load(run, detector=False).model()  # fails early, with a clear message, on a run without (valid) weights
     export.require("onnx", "onnxscript", "onnxruntime")
     export.check_opset(args.opset)
-    data = load_fashion_mnist(args.data_dir, verify=not args.no_verify)
+    data = data_from_args(args, run)
     for path in export.export_onnx(run, int8=args.int8, opset=args.opset, data=data,
                             calibration_images=args.calibration_images).values():
         print(f"wrote {path} ({path.stat().st_size / 1024:,.0f} KiB)")

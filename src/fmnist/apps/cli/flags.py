@@ -6,10 +6,20 @@ from fmnist.core.backends import BACKENDS
 from fmnist.fit.recipes import FIELD_HELP
 
 
+def add_own_data_flags(p) -> None:
+    """--data, --test-data and --class-names: a data set of one's own (docs/your-data.md)."""
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help=FIELD_HELP["data"].replace("default: Fashion-MNIST", "default: for a run trained on its "
+                                                   "own data, that data; else Fashion-MNIST"))
+    p.add_argument("--test-data", default=None, metavar="CSV", help=FIELD_HELP["test_data"])
+    p.add_argument("--class-names", default=None, metavar="FILE", help=FIELD_HELP["class_names"])
+
+
 def add_data_flags(p, threads: bool = True) -> None:
     """The flags of every command that reads the data set: where it is, whether to check it, CPU threads."""
     p.add_argument("--data-dir", default=None, help=FIELD_HELP["data_dir"])
     p.add_argument("--no-verify", action="store_true", help="accept IDX files that are not the official ones")
+    add_own_data_flags(p)
     if threads:
         p.add_argument("--threads", type=int, default=0, help=FIELD_HELP["threads"])
 

@@ -9,7 +9,7 @@ from fmnist.core.run import Run
 
 
 def cmd_report(args) -> int:
-    from fmnist.fit.data import load_fashion_mnist
+    from fmnist.fit.sources import data_from_args
 
     Run.load(args.run, detector=False)  # fail on a wrong folder before loading 70,000 images
     try:
@@ -17,7 +17,7 @@ def cmd_report(args) -> int:
     except ImportError:
         print("fmnist report: error: matplotlib is needed: pip install 'fmnist[report]'", file=sys.stderr)
         return 2
-    data = load_fashion_mnist(args.data_dir, verify=not args.no_verify)
+    data = data_from_args(args, args.run)
     from fmnist.apps.report import build_report
 
     index = build_report(args.run, data=data, out=args.out, limit=args.limit or None, threads=args.threads or None)

@@ -36,9 +36,15 @@ def register(sub, formatter_class) -> None:
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
                                                           "bool": bool}.get(str(f.type), str)
         help_text = FIELD_HELP[f.name]
-        if f.name in ("tta", "channels_last"):
+        if f.name in ("tta", "channels_last", "mirror"):
             p.add_argument(_flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                            help=f"{help_text} (default: {default[f.name]})")
+            continue
+        if f.name == "mirror":
+            p.add_argument("--mirror", dest="mirror", default=None, action=argparse.BooleanOptionalAction,
+                           help="allow mirrored augmentation (flip) and mirrored test-time views (default: only for "
+                                "a data set known to look the same mirrored: Fashion-MNIST, or a classes.json saying "
+                                "so); --no-mirror: never")
             continue
         if "(default" not in help_text:
             help_text += f" (default: {default[f.name]})"
@@ -59,23 +65,27 @@ def register(sub, formatter_class) -> None:
 
 def cmd_train(args) -> int:
     """Train in this process, or as one rank of a data-parallel run when started by torchrun."""
-    from fmnist.fit.data import load_fashion_mnist
     from fmnist.fit.distributed import session
+    from fmnist.fit.sources import load_data
     from fmnist.fit.train import resolve_config, train
 
     if args.resume:
         from fmnist.fit.recipes import read_config
 
         saved = read_config(Path(args.resume) / CONFIG)
-        data = load_fashion_mnist(args.data_dir or saved.data_dir, verify=not args.no_verify)
+        data = load_data(saved.data, saved.test_data, saved.class_names, args.data_dir or saved.data_dir,
+                         verify=not args.no_verify)
         with session(saved.device) as ctx:
             train(None, data=data, resume=args.resume, ctx=ctx)
         return 0
     overrides = _overrides(args)
+    for k in ("data", "test_data", "class_names"):  # absolute: evaluate and report find the run's data set again
+        if overrides.get(k) is not None:
+            overrides[k] = str(Path(overrides[k]).expanduser().resolve())
     cfg = resolve_config(args.preset or DEFAULT_PRESET, **overrides)
     if args.dry_run:  # one epoch, no clock (a model "auto" takes the epoch table's first row)
         cfg = resolve_config(args.preset or DEFAULT_PRESET, **{**overrides, "epochs": 1, "time_budget": 0})
-    data = load_fashion_mnist(cfg.data_dir, verify=not args.no_verify)
+    data = load_data(cfg.data, cfg.test_data, cfg.class_names, cfg.data_dir, verify=not args.no_verify)
     if args.dry_run:
         cfg = dataclasses.replace(cfg, subset=min(cfg.subset or 512, 512),
                                   val_size=min(cfg.val_size, 512) if cfg.val_size else 0)

@@ -63,8 +63,8 @@ def cmd_calibrate(args) -> int:
     from fmnist.core.backends import TorchBackend
     from fmnist.core.run import Run
     from fmnist.fit import runtime
-    from fmnist.fit.data import load_fashion_mnist
     from fmnist.fit.evaluate import run_logits
+    from fmnist.fit.sources import data_from_args
     from fmnist.fit.trust.calibration import calibration_metrics, format_calibration
     from fmnist.fit.trust.fit import describe, fit_trust
 
@@ -75,7 +75,10 @@ def cmd_calibrate(args) -> int:
     run = Run.load(args.run, detector=False)  # fails early, with a clear message, on a bad run folder
     if not run.config:
         print(f"{run.path}: no config.json; assuming the default split (10,000 validation images, seed 0)")
-    data = load_fashion_mnist(args.data_dir, verify=not args.no_verify)
+    data = data_from_args(args, args.run)
+    from fmnist.fit.sources import check_run_classes
+
+    check_run_classes(run.class_names, data)
     summary = fit_trust(run.path, data, target_accept=args.target_accept, parts=parts, fit_size=args.fit_size,
                         device=device, coverage=args.coverage)
     print(describe(summary))
@@ -125,7 +128,7 @@ def cmd_ood_eval(args) -> int:
     from fmnist.core.predict import Predictor
     from fmnist.core.runfolder import write_json
     from fmnist.fit import runtime
-    from fmnist.fit.data import load_fashion_mnist
+    from fmnist.fit.sources import data_from_args
     from fmnist.fit.trust import eval_sets
     from fmnist.fit.trust.evaluation import evaluate_sets, format_ood_table
 
@@ -141,7 +144,7 @@ def cmd_ood_eval(args) -> int:
         raise InputError(f"unknown OOD set(s) {', '.join(unknown)}; choose from: {', '.join(eval_sets.SETS)}")
     if args.n < 1:
         raise InputError("--n must be >= 1")
-    data = load_fashion_mnist(args.data_dir, verify=not args.no_verify)
+    data = data_from_args(args, args.run)
     report, missing = evaluate_sets(predictor, data, names, args.n, args.seed)
     print(format_ood_table(report, args.by_part))
     for m in sorted(missing):

@@ -116,10 +116,11 @@ def candidate_set_stats(run: Run, pred: dict) -> dict | None:
 
 def build_report(run_dir, data=None, out=None, limit: int | None = None, threads: int | None = None) -> Path:
     """Write RUN/report/index.html and its PNGs; return the HTML path. ``data`` defaults to the official set."""
-    from fmnist.fit.data import load_fashion_mnist
+    from fmnist.fit.sources import check_run_classes, data_from_args
 
     run = Run.load(run_dir, detector=False)
-    data = data if data is not None else load_fashion_mnist()
+    data = data if data is not None else data_from_args(None, run_dir)
+    check_run_classes(run.class_names, data)
     out = Path(out) if out is not None else run.path / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     pred = predict_test(run, data, limit, threads)

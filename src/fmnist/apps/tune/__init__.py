@@ -100,7 +100,12 @@ def settings_from_args(args):
                     storage=args.storage, sampler=args.sampler, sampler_seed=args.sampler_seed, pruner=args.pruner,
                     prune_after=args.prune_after, timeout=args.timeout, workers=args.workers, threads=int(threads),
                     device=args.device or machine.get("device"), data_dir=args.data_dir or machine.get("data_dir"),
+                    **{k: _absolute(getattr(args, k, None) or machine.get(k)) for k in ("data", "test_data", "class_names")},
                     verify=not args.no_verify, heartbeat=args.heartbeat)
+
+
+def _absolute(path):
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def cmd_tune(args) -> int:
@@ -109,7 +114,12 @@ def cmd_tune(args) -> int:
     from fmnist.fit.data import find_data_dir
 
     s = settings_from_args(args)
-    find_data_dir(s.data_dir)  # a missing data set fails (or downloads) once here, not in every worker
+    if s.data is None:
+        find_data_dir(s.data_dir)  # a missing data set fails (or downloads) once here, not in every worker
+    else:
+        from fmnist.fit.sources import load_data
+
+        load_data(s.data, s.test_data, s.class_names)  # a bad data set fails once here (and fills the cache)
     prepare(s)  # storage reachable, study created or its space checked, grid queued: before any trial
     print(f"study {s.study} in {s.study_dir}: {s.n_trials} trials, {s.sampler} sampler, {s.pruner} pruner, "
           f"{s.workers} worker(s) x {s.threads} thread(s), {s.metric} on the validation split")

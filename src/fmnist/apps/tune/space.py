@@ -25,7 +25,7 @@ from fmnist.fit.recipes import DEFAULT_PRESET, PRESETS, TrainConfig, resolve_con
 
 # Options that describe the machine a worker runs on, not the recipe: fixed only, and not part of a study's
 # identity (workers on several machines may differ in them).
-MACHINE_OPTIONS = ("threads", "device", "data_dir")
+MACHINE_OPTIONS = ("threads", "device", "data_dir", "data", "test_data", "class_names")
 NOT_OPTIONS = ("preset", "pinned")
 _TYPES = {"int": int, "float": float, "bool": bool}
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

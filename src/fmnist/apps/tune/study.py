@@ -47,6 +47,9 @@ class Settings:
     threads: int = 1
     device: str | None = None
     data_dir: str | None = None
+    data: str | None = None  # one's own data set (--data), with its test CSV and class names file
+    test_data: str | None = None
+    class_names: str | None = None
     verify: bool = True
     heartbeat: int = 10
 
@@ -197,7 +200,8 @@ def train_trial(trial, s: Settings, data) -> float:
     from fmnist.fit.train import resolve_config, train
 
     values = suggest(trial, s.space.params)
-    machine = {"threads": s.threads, "data_dir": s.data_dir, **({"device": s.device} if s.device else {})}
+    machine = {"threads": s.threads, "data_dir": s.data_dir, "data": s.data, "test_data": s.test_data,
+               "class_names": s.class_names, **({"device": s.device} if s.device else {})}
     cfg = resolve_config(s.space.preset, **{"select": s.metric, **s.space.fixed, **values, **machine})
     out = s.study_dir / trial_folder(trial.number)
     if out.exists():
@@ -254,14 +258,14 @@ def run_one(study, s: Settings, lock, data, log) -> None:
 
 def work(s: Settings, worker: int = 0, log=print) -> int:
     """Run trials until the study has its number of finished trials, or --timeout; returns the trials run."""
-    from fmnist.fit.data import load_fashion_mnist
+    from fmnist.fit.sources import load_data
 
     storage = open_storage(s)
     lock = make_lock(s)
     try:
         with lock:
             study = load_or_create(s, storage, worker)
-        data = load_fashion_mnist(s.data_dir, verify=s.verify)  # once per worker, shared by its trials
+        data = load_data(s.data, s.test_data, s.class_names, s.data_dir, verify=s.verify)  # once per worker
         deadline = time.monotonic() + s.timeout if s.timeout else math.inf
         ran = 0
         while time.monotonic() < deadline:
