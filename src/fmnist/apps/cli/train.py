@@ -38,7 +38,7 @@ def register(sub, formatter_class) -> None:
         help_text = FIELD_HELP[f.name]
         if f.name in ("tta", "channels_last", "mirror"):
             p.add_argument(_flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                           help=f"{help_text} (default: {default[f.name]})")
+                           help=help_text if "(default" in help_text else f"{help_text} (default: {default[f.name]})")
             continue
         if f.name == "mirror":
             p.add_argument("--mirror", dest="mirror", default=None, action=argparse.BooleanOptionalAction,
