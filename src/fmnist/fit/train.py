@@ -375,7 +375,7 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     cfg, more = fit_to_data(cfg, data, len(data.train_labels), table_row)  # the table's row may flip images
     notes += [n for n in more if n not in notes]
     precision = runtime.resolve_precision(cfg.precision, device, cfg.batch_size)
-    st = build(cfg, device, len(dataset["class_names"]))
+    st = build(cfg, device, num_classes=len(dataset["class_names"]))
     if saved is not None:
         elapsed_before = restore(saved, st, out / LAST)
     st.wrapped = distributed.wrap(st.model, ctx, device)
