@@ -165,16 +165,26 @@ def _toml_option(name: str, value):
     return False, convert(name, kind, value)
 
 
+#: Largest search-space file read (a real one is a few hundred bytes; /dev/zero never ends).
+MAX_SPACE_BYTES = 1_000_000
+
+
 def read_toml(path) -> dict:
     import tomllib
 
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            data = f.read(MAX_SPACE_BYTES + 1)
+        if len(data) > MAX_SPACE_BYTES:
+            raise InputError(f"--space {path}: larger than {MAX_SPACE_BYTES:,} bytes; a search space is a short "
+                             "TOML file")
+        doc = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise InputError(f"--space {path}: no such file") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"--space {path}: not a readable TOML file: {e}") from None
+    except RecursionError:
+        raise InputError(f"--space {path}: not a readable TOML file: nested too deeply") from None
     return {str(k).replace("-", "_"): v for k, v in doc.items()}
 
 
