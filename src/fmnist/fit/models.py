@@ -159,12 +159,55 @@ class SpaceToDepth(nn.Module):
         return nn.functional.pixel_unshuffle(x, 2)
 
 
-def s2d_net(widths=(24, 48, 96), num_classes: int = 10) -> nn.Module:
-    """Space-to-depth stem, then [conv-BN-ReLU x2] at 14x14 and 7x7 and one conv at 3x3, global max+avg pool."""
+class PatchWhitening(nn.Module):
+    """A frozen first convolution whose filters whiten the k x k patches of the training images.
+
+    The filters are the eigenvectors of the patches' covariance scaled by 1 / sqrt(eigenvalue + eps), each with
+    its negative (a ReLU after them keeps both signs): the next layer sees decorrelated inputs of unit variance,
+    which is what lets the fast CIFAR-10 trainers (airbench) take larger steps from the first one. Fitted once,
+    before training, from training images (:func:`fit_whitening`); never trained; saved with the weights.
+    """
+
+    def __init__(self, k: int, stride: int = 1, padding: int = 0, eps: float = 5e-3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2 * k * k, k, stride=stride, padding=padding, bias=True)
+        self.conv.requires_grad_(False)
+        self.eps = eps
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> None:
+        """Set the filters from normalised (N, 1, H, W) images (a few thousand are plenty)."""
+        k = self.conv.kernel_size[0]
+        patches = nn.functional.unfold(images.float(), k).transpose(1, 2).reshape(-1, k * k).double()
+        mean = patches.mean(0)
+        eigenvalues, vectors = torch.linalg.eigh(torch.cov(patches.T))
+        filters = (vectors / torch.sqrt(eigenvalues.clamp(min=0) + self.eps)).T
+        filters = torch.cat([filters, -filters])
+        self.conv.weight.copy_(filters.reshape(self.conv.weight.shape).to(self.conv.weight))
+        self.conv.bias.copy_(-(filters @ mean).to(self.conv.bias))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def fit_whitening(model: nn.Module, images: torch.Tensor) -> int:
+    """Fit every :class:`PatchWhitening` stem of ``model`` from ``images``; returns how many there were."""
+    stems = [m for m in model.modules() if isinstance(m, PatchWhitening)]
+    for stem in stems:
+        stem.fit(images.to(stem.conv.weight.device))
+    return len(stems)
+
+
+def s2d_net(widths=(24, 48, 96), num_classes: int = 10, whiten: bool = False) -> nn.Module:
+    """Space-to-depth stem, then [conv-BN-ReLU x2] at 14x14 and 7x7 and one conv at 3x3, global max+avg pool.
+
+    ``whiten``: the stem is a frozen whitening of 4x4 patches at stride 2 (32 channels at 14x14) instead of the
+    plain 2x2 fold (4 channels): the same resolution, decorrelated inputs."""
     a, b, c = widths
+    stem, c0 = (PatchWhitening(4, stride=2, padding=1), 32) if whiten else (SpaceToDepth(), 4)
     body = nn.Sequential(
-        SpaceToDepth(),
-        conv_bn(4, a), conv_bn(a, a), nn.MaxPool2d(2),
+        stem,
+        conv_bn(c0, a), conv_bn(a, a), nn.MaxPool2d(2),
         conv_bn(a, b), conv_bn(b, b), nn.MaxPool2d(2),
         conv_bn(b, c),
         GlobalPool(),
@@ -185,6 +228,53 @@ def s2d_32(num_classes: int = 10) -> nn.Module:
 @register("s2d-48", "space-to-depth stem, widths 48/96/192 at 14/7/3 (for GPUs or long CPU runs)")
 def s2d_48(num_classes: int = 10) -> nn.Module:
     return s2d_net((48, 96, 192), num_classes)
+
+
+@register("s2dw-24", "s2d-24 with a frozen patch-whitening stem (4x4 patches, 32 channels at 14x14); < 100k parameters")
+def s2dw_24(num_classes: int = 10) -> nn.Module:
+    return s2d_net((24, 48, 96), num_classes, whiten=True)
+
+
+@register("s2dw-32", "s2d-32 with a frozen patch-whitening stem (4x4 patches, 32 channels at 14x14)")
+def s2dw_32(num_classes: int = 10) -> nn.Module:
+    return s2d_net((32, 64, 128), num_classes, whiten=True)
+
+
+class AirBlock(nn.Module):
+    """airbench's block: conv, 2x2 max pool, BatchNorm, GELU, conv, BatchNorm, GELU (pooling before the
+    normalisation: a quarter of the BatchNorm work). BatchNorm keeps its bias but not its scale."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(c_out)
+        for norm in (self.norm1, self.norm2):
+            norm.weight.requires_grad_(False)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.norm1(nn.functional.max_pool2d(self.conv1(x), 2)))
+        return nn.functional.gelu(self.norm2(self.conv2(x)))
+
+
+def air_net(widths=(32, 64, 128), num_classes: int = 10) -> nn.Module:
+    """Shaped like airbench: a frozen whitening of 3x3 patches at full resolution, three wide blocks without
+    residuals (28 -> 14 -> 7 -> 3), global max pooling."""
+    a, b, c = widths
+    body = nn.Sequential(PatchWhitening(3, padding=1), nn.GELU(), AirBlock(18, a), AirBlock(a, b), AirBlock(b, c),
+                         nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    return Classifier(body, c, num_classes)
+
+
+@register("air-32", "airbench-shaped: whitening stem, 3 blocks without residuals, widths 32/64/128 (GPUs)")
+def air_32(num_classes: int = 10) -> nn.Module:
+    return air_net((32, 64, 128), num_classes)
+
+
+@register("air-64", "airbench-shaped: whitening stem, 3 blocks without residuals, widths 64/128/256 (GPUs)")
+def air_64(num_classes: int = 10) -> nn.Module:
+    return air_net((64, 128, 256), num_classes)
 
 
 @register("tiny", "under 100k parameters: 3 x [conv-BN-ReLU x2] (16, 32, 64), global max+avg pool")

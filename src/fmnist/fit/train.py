@@ -35,7 +35,7 @@ from fmnist.fit.budget import TimeBudget
 from fmnist.fit.checkpoint import CheckpointError, _atomic, load_state, save_model, save_state, write_json
 from fmnist.fit.data import preprocess
 from fmnist.fit.distributed import ONE_PROCESS, Context
-from fmnist.fit.models import count_parameters, create_model
+from fmnist.fit.models import count_parameters, create_model, fit_whitening
 from fmnist.fit.recipes import (
     DEFAULT_PRESET,
     PRESETS,
@@ -164,11 +164,18 @@ def prepare_data(cfg: TrainConfig, data, device) -> Data:
                 preprocess(data.train_images[val_idx], spec), data.train_labels[val_idx], spec)
 
 
-def build(cfg: TrainConfig, device, num_classes: int = len(CLASS_NAMES)) -> State:
+WHITENING_IMAGES = 5_000  # training images whose patches fit a whitening stem: the first ones of the split
+
+
+def build(cfg: TrainConfig, device, x_train: torch.Tensor | None = None, num_classes: int = len(CLASS_NAMES)
+          ) -> State:
     """Model, optimiser, EMA and the generator of shuffling and augmentation, seeded (in this order: the
-    EMA copy draws its own initial weights from the global RNG, which dropout uses afterwards)."""
+    EMA copy draws its own initial weights from the global RNG, which dropout uses afterwards). A model with a
+    whitening stem fits it on the first training images (``x_train``, normalised) before anything copies it."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=num_classes).to(device)
+    if x_train is not None:
+        fit_whitening(model, x_train[:WHITENING_IMAGES])
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     opt = make_optimizer(cfg, model)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
@@ -375,7 +382,7 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     cfg, more = fit_to_data(cfg, data, len(data.train_labels), table_row)  # the table's row may flip images
     notes += [n for n in more if n not in notes]
     precision = runtime.resolve_precision(cfg.precision, device, cfg.batch_size)
-    st = build(cfg, device, num_classes=len(dataset["class_names"]))
+    st = build(cfg, device, d.x_train, num_classes=len(dataset["class_names"]))
     if saved is not None:
         elapsed_before = restore(saved, st, out / LAST)
     st.wrapped = distributed.wrap(st.model, ctx, device)
