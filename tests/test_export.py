@@ -227,10 +227,10 @@ def test_tampered_or_truncated_model(run, damage):
     with pytest.raises(CheckpointError, match="has changed since it was exported"):
         onnx_backend(run / FP32)
     meta = read_json(run / "model.json")
-    del meta["onnx"]["files"][FP32]  # no record to compare with: ONNX Runtime's own checks must catch it
+    del meta["onnx"]["files"][FP32]  # no record to compare with: the graph check must catch it
     write_json(run / "model.json", meta)
     if damage == "truncate":
-        with pytest.raises(CheckpointError, match="ONNX Runtime cannot load .*model.onnx"):
+        with pytest.raises(CheckpointError, match="model.onnx is not a valid ONNX file"):
             onnx_backend(run / FP32)
 
 

@@ -99,11 +99,12 @@ def test_blank_image_is_refused(predictor):
 
 
 def test_low_confidence_is_refused(trained_run, images):
-    strict = fmnist.load(trained_run, confidence_threshold=1.01, ood_threshold=1e9)  # nothing reaches it
+    strict = fmnist.load(trained_run, ood_threshold=1e9)
+    strict.confidence_threshold = 1.01  # nothing reaches it (load refuses it: a probability is at most 1)
     r = strict.predict(images[0])
     check_result(r, strict)
     assert r["accepted"] is False and r["reason"] == "low_confidence"
-    lenient = fmnist.load(trained_run, confidence_threshold=0.0, ood_threshold=1e9)
+    lenient = fmnist.load(trained_run, threshold=0.0, ood_threshold=1e9)
     assert lenient.predict(images[0])["accepted"] is True
 
 
@@ -129,8 +130,9 @@ def test_a_confident_image_gets_a_singleton(tmp_path, trained_run, images):
 def test_a_non_garment_is_refused_never_uncertain(trained_run, images):
     from fmnist.fit.trust import eval_sets
 
-    # Nothing reaches a 1.01 threshold: whatever passes the gates is hedged, so noise must be stopped by them.
-    hedging = fmnist.load(trained_run, confidence_threshold=1.01)
+    # Nothing reaches a threshold of 1: whatever passes the gates is hedged, so noise must be stopped by them.
+    hedging = fmnist.load(trained_run)
+    hedging.confidence_threshold = 1.01
     rng = np.random.default_rng(3)
     noise = list(eval_sets.uniform_noise(10, rng)) + list(eval_sets.gaussian_noise(10, rng))
     for r in hedging.predict_batch(noise):
@@ -167,10 +169,18 @@ def test_return_image_gives_the_28x28_the_model_saw(predictor, images):
     assert "image" not in predictor.predict(images[1])
 
 
-@pytest.mark.parametrize("asked,got", [(1, 1), (5, 5), (0, 1), (99, 10)])
-def test_top_k_is_clamped_to_the_classes(trained_run, images, asked, got):
+@pytest.mark.parametrize("asked", [1, 5, 10])
+def test_top_k_lists_that_many_classes(trained_run, images, asked):
     p = fmnist.load(trained_run, top_k=asked)
-    check_result(p.predict(images[0]), p, k=got)
+    check_result(p.predict(images[0]), p, k=asked)
+
+
+@pytest.mark.parametrize("asked", [0, -5, 11, 1000])
+def test_top_k_out_of_range_is_an_error_not_a_clamp(trained_run, asked):
+    from fmnist.core.errors import InputError
+
+    with pytest.raises(InputError, match="top_k must be a whole number from 1 to 10"):
+        fmnist.load(trained_run, top_k=asked)
 
 
 def test_undecodable_bytes_raise_image_error(predictor):

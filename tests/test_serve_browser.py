@@ -117,7 +117,7 @@ def hedged_png(hedged_run, synthetic_data) -> bytes:
         from fmnist.fit.data import read_idx
 
         images = list(np.asarray(read_idx(OFFICIAL / "t10k-images-idx3-ubyte.gz")[:100])) + images
-    predictor = fmnist.load(hedged_run, confidence_threshold=1.0)
+    predictor = fmnist.load(hedged_run, threshold=1.0)
     pngs = [png(img, scale=1) for img in images]  # 28x28: the data set's format, prepared as is
     for data, r in zip(pngs, predictor.predict_batch(pngs)):
         if r["verdict"] == "uncertain":

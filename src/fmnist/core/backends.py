@@ -9,6 +9,8 @@ called, so the rest of core, and a deployment without PyTorch, never load it. Bo
 from __future__ import annotations
 
 import importlib
+import math
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -21,7 +23,9 @@ from fmnist.core.runfolder import (
     ONNX_INT8,
     WEIGHTS,
     CheckpointError,
+    is_present,
     load_safetensors,
+    read_run_file,
     sha256,
 )
 
@@ -79,7 +83,7 @@ class TorchBackend:
 
 def torch_model(run, device="cpu"):
     """The PyTorch model of ``run`` (a :class:`fmnist.core.run.Run`) with its weights, in eval mode, on ``device``."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from fmnist.fit.models import create_model
 
@@ -87,7 +91,7 @@ def torch_model(run, device="cpu"):
         model = create_model(run.model_name, num_classes=len(run.class_names))
     except ValueError as e:
         raise CheckpointError(f"{run.path / MODEL_JSON}: cannot build the model: {e}") from None
-    state = load_safetensors(run.path / WEIGHTS, load_file)
+    state = load_safetensors(run.path / WEIGHTS, load)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -130,17 +134,153 @@ class OnnxBackend:
         if not onnxruntime_available():
             raise MissingDependency(f"{self.path}: the onnx backend needs ONNX Runtime: {INSTALL_HINT}")
         model_bytes = _read_checked(self.path, meta)
+        check_graph(model_bytes, self.path)  # before ONNX Runtime sees it
         self.session = _session(model_bytes, self.path, threads, spinning)
         self.feature_dim, self.num_classes = _check_signature(self.session, self.path, meta)
         self.size = int(meta.get("preprocessing", {}).get("size", 28))
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x: float32 (N, 1, 28, 28), already normalised -> (features (N, D), logits (N, C)), float32."""
+        """x: float32 (N, 1, 28, 28), already normalised -> (features (N, D), logits (N, C)), float32.
+
+        A call that runs past :func:`run_timeout` is stopped (ONNX Runtime's terminate flag, set from a timer)
+        and, like any failure of ONNX Runtime, raised as one CheckpointError naming the file."""
+        import onnxruntime as ort
+
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != (1, self.size, self.size):
             raise InputError(f"expected images of shape (N, 1, {self.size}, {self.size}), got {x.shape}")
-        features, logits = self.session.run(list(OUTPUTS), {INPUT: x})
+        options = ort.RunOptions()
+        limit = run_timeout(len(x))
+        timer = threading.Timer(limit, lambda: setattr(options, "terminate", True))
+        timer.daemon = True
+        timer.start()
+        try:
+            features, logits = self.session.run(list(OUTPUTS), {INPUT: x}, options)
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors share no base class but Exception
+            if options.terminate:
+                raise CheckpointError(f"{self.path}: ONNX Runtime did not finish {len(x)} image(s) within "
+                                      f"{limit:.0f} s and was stopped: the graph is not one fmnist export "
+                                      "writes, or this machine is far too slow") from None
+            raise CheckpointError(f"{self.path}: ONNX Runtime failed: {_first_line(e)}") from None
+        finally:
+            timer.cancel()
         return features, logits
+
+
+# A call to ONNX Runtime is stopped past this many seconds (plus a share per image): fmnist's exports take
+# milliseconds per image, so only a graph built to hang reaches it.
+RUN_TIMEOUT_S = 30.0
+RUN_TIMEOUT_PER_IMAGE_S = 0.05
+
+
+def run_timeout(images: int) -> float:
+    return RUN_TIMEOUT_S + RUN_TIMEOUT_PER_IMAGE_S * images
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:500] if text else type(e).__name__
+
+
+# --- the graphs fmnist export writes ------------------------------------------------------------------------
+
+# The operators an export of fmnist's architectures holds (fp32 from torch.onnx's dynamo exporter, BatchNorm
+# folded; int8 as QDQ from onnxruntime.quantization): what a run folder's ONNX file may use. Control flow
+# (Loop, Scan, If), operators that allocate a size they compute (ConstantOfShape, Expand, Tile, Range, Resize,
+# Pad...), custom domains and anything else are refused before ONNX Runtime loads the graph.
+ALLOWED_OPS = frozenset({
+    "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv", "DepthToSpace",
+    "DequantizeLinear", "Div", "Dropout", "Erf", "Flatten", "Gemm", "GlobalAveragePool", "GlobalMaxPool",
+    "HardSigmoid", "HardSwish", "Identity", "LeakyRelu", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mul",
+    "Neg", "Pow", "QuantizeLinear", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Softmax", "SpaceToDepth",
+    "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
+})
+MAX_NODES = 10_000
+MAX_VALUES_PER_IMAGE = 1 << 22  # elements of one intermediate tensor per image (4 M floats: 16 MB)
+MAX_FIXED_VALUES = 1 << 26  # elements of a tensor without the batch axis (weights, constants)
+
+
+def check_graph(model_bytes: bytes, path: Path) -> None:
+    """Refuse an ONNX graph that is not of the kind ``fmnist export`` writes (one CheckpointError naming
+    ``path``): operators outside :data:`ALLOWED_OPS` (or outside the default domain), subgraphs, more than
+    :data:`MAX_NODES` nodes, or any intermediate tensor whose inferred shape is not fixed but for the batch
+    axis (once at most) or that holds more than :data:`MAX_VALUES_PER_IMAGE` elements per image. Its run time
+    and memory are then those of a fixed chain of small layers. Needs the ``onnx`` package."""
+    try:
+        import onnx
+    except ImportError:
+        raise MissingDependency(f"{path}: checking an ONNX graph before it runs needs the onnx package: pip "
+                                "install onnx (or: pip install 'fmnist[serve]')") from None
+    try:
+        model = onnx.load_model_from_string(model_bytes)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and others
+        raise CheckpointError(f"{path} is not a valid ONNX file: {_first_line(e)}") from None
+    problems = _graph_problems(model.graph)
+    if not problems:
+        try:
+            one, two = _sizes(model, 1), _sizes(model, 2)
+        except Exception as e:  # noqa: BLE001 - onnx's InferenceError, ValidationError...
+            problems = [f"its shapes cannot be inferred ({_first_line(e)})"]
+        else:
+            problems = _size_problems(one, two)
+    if problems:
+        raise CheckpointError(f"{path} is not a graph fmnist export writes, refused before it runs: "
+                              + "; ".join(problems[:5]))
+
+
+def _graph_problems(graph) -> list[str]:
+    if len(graph.node) > MAX_NODES:
+        return [f"{len(graph.node)} nodes (at most {MAX_NODES})"]
+    problems = []
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"operator {node.domain}.{node.op_type} (node {node.name!r}) is not allowed")
+        elif node.op_type not in ALLOWED_OPS:
+            problems.append(f"operator {node.op_type} (node {node.name!r}) is not allowed")
+        elif any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute):
+            problems.append(f"node {node.name!r} holds a subgraph")
+    for init in graph.initializer:
+        if math.prod(init.dims) > MAX_FIXED_VALUES:
+            problems.append(f"initializer {init.name!r} of shape {list(init.dims)} is too large")
+    return problems
+
+
+def _sizes(model, batch: int) -> dict[str, int | None]:
+    """The number of elements of every tensor of the graph for a batch of ``batch`` images (None where its
+    shape is not known before it runs), from onnx's shape inference with the batch axis fixed."""
+    from onnx import ModelProto, shape_inference
+
+    fixed = ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]  # shapes recorded in the file (with a symbolic batch) are inferred anew
+    for value in (*fixed.graph.input, *fixed.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+    graph = shape_inference.infer_shapes(fixed, check_type=True, strict_mode=True, data_prop=True).graph
+    sizes = {}
+    for value in (*graph.value_info, *graph.output):
+        t = value.type.tensor_type
+        dims = list(t.shape.dim) if value.type.HasField("tensor_type") and t.HasField("shape") else None
+        known = dims is not None and all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims)
+        sizes[value.name] = math.prod(d.dim_value for d in dims) if known else None
+    return sizes
+
+
+def _size_problems(one: dict, two: dict) -> list[str]:
+    """What is wrong with the tensors' sizes for one image (``one``) and two (``two``): unknown before the
+    run, too large per image (or, for a tensor that does not grow with the batch, too large at all), or
+    growing faster than the batch."""
+    problems = []
+    for name, n1 in one.items():
+        n2 = two.get(name)
+        if n1 is None or n2 is None:
+            problems.append(f"tensor {name!r} has a size computed at run time")
+        elif n2 > 2 * n1:
+            problems.append(f"tensor {name!r} grows faster than the batch")
+        elif n1 > (MAX_FIXED_VALUES if n2 == n1 else MAX_VALUES_PER_IMAGE):
+            problems.append(f"tensor {name!r} would hold {n1:,} elements" + ("" if n2 == n1 else " per image"))
+    return problems
 
 
 def onnx_record(meta: dict, filename: str) -> dict | None:
@@ -154,12 +294,9 @@ def _read_checked(path: Path, meta: dict) -> bytes:
     A file with no record (exported by other means) is accepted here; its signature is still checked.
     """
     run = path.parent
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found: export the run first (fmnist export {run})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path} not found: export the run first (fmnist export {run})")
+    data = read_run_file(path)
     record = onnx_record(meta, path.name)
     if record is None:
         return data
@@ -168,7 +305,7 @@ def _read_checked(path: Path, meta: dict) -> bytes:
                               f"{run / MODEL_JSON} records): export the run again (fmnist export {run})")
     weights = run / WEIGHTS
     recorded_weights = meta["onnx"].get("weights_sha256")
-    if recorded_weights and weights.is_file() and sha256(weights.read_bytes()) != recorded_weights:
+    if recorded_weights and is_present(weights) and sha256(read_run_file(weights)) != recorded_weights:
         raise CheckpointError(f"{path} was exported from other weights than {weights} holds now: export the run "
                               f"again (fmnist export {run})")
     return data
@@ -192,7 +329,7 @@ def _session(model_bytes: bytes, path: Path, threads: int, spinning: bool):
     try:
         return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors share no base class but Exception
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _first_line(e)
         raise CheckpointError(f"ONNX Runtime cannot load {path} (damaged, truncated, or newer than ONNX Runtime "
                               f"{ort.__version__}?): {reason}") from None
 

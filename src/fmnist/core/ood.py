@@ -47,7 +47,15 @@ from pathlib import Path
 import numpy as np
 
 from fmnist.core.errors import InputError
-from fmnist.core.runfolder import DETECTOR, CheckpointError, load_arrays, save_arrays, sha256
+from fmnist.core.runfolder import (
+    DETECTOR,
+    CheckpointError,
+    is_present,
+    load_arrays,
+    read_run_file,
+    save_arrays,
+    sha256,
+)
 
 OOD_FORMAT = "fmnist-ood/1"
 OOD_FILE = DETECTOR
@@ -305,7 +313,7 @@ class Detector:
         path = Path(run_dir) / OOD_FILE
         if not config:
             return None
-        if not path.is_file():  # model.json says there is a detector: serving without it would accept anything
+        if not is_present(path):  # model.json says there is a detector: serving without it would accept anything
             raise CheckpointError(f"{path} not found, but model.json describes an OOD detector: restore the file "
                                   "or refit it with `fmnist calibrate RUN`")
         if config.get("format") != OOD_FORMAT or not isinstance(config.get("parts"), list):
@@ -314,10 +322,11 @@ class Detector:
         if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
             raise CheckpointError(f"{Path(run_dir) / 'model.json'}: OOD threshold must be a finite number, "
                                   f"got {threshold!r}")
-        if "sha256" in config and sha256(path.read_bytes()) != config["sha256"]:
+        data = read_run_file(path)  # a regular file inside the run folder, of a bounded size
+        if "sha256" in config and sha256(data) != config["sha256"]:
             raise CheckpointError(f"{path} is not the file {Path(run_dir) / 'model.json'} was fitted with (its SHA-256 "
                                   "differs): restore it, or refit with `fmnist calibrate RUN`")
-        det = cls(load_arrays(path), config)
+        det = cls(load_arrays(path, data), config)
         need = {"orientation": "pixel"}
         missing = [n for n in det.parts if n not in NEEDS_NO_FIT
                    and not any(k.startswith(need.get(n, n) + ".") for k in det.tensors)]

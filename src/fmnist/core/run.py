@@ -33,6 +33,7 @@ from fmnist.core.runfolder import (  # noqa: F401 (RUN_FILES, RUN_MARKERS, REPOR
     RUN_MARKERS,
     WEIGHTS,
     CheckpointError,
+    is_present,
     read_json,
     write_json,
 )
@@ -105,15 +106,14 @@ class Run:
             raise CheckpointError(f"{path} is not a folder ({'not found' if not path.exists() else 'a file'}): "
                                   "give a run folder written by `fmnist train`")
         where = path / MODEL_JSON
-        if not where.is_file():
-            raise CheckpointError(f"{path} is not a run folder: {MODEL_JSON} "
-                                  f"{'is not a regular file' if where.exists() else 'not found'}")
+        if not is_present(where):
+            raise CheckpointError(f"{path} is not a run folder: {MODEL_JSON} not found")
         config_path = path / CONFIG
-        config = read_json(config_path) if config_path.is_file() else {}
+        config = read_json(config_path) if is_present(config_path) else {}  # a link or FIFO is refused
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path} does not hold a JSON object")
         run = cls(path, read_json(where), config)  # checks model.json
-        if not (path / WEIGHTS).is_file():
+        if not is_present(path / WEIGHTS):
             raise CheckpointError(f"{path / WEIGHTS} not found: is {path} a finished run?")
         if detector:
             run.detector = Detector.load(path, run.meta)
@@ -130,7 +130,7 @@ class Run:
         if kind not in backends.BACKENDS:
             raise InputError(f"unknown backend {kind!r}; choose one of: {', '.join(backends.BACKENDS)}")
         if kind == "auto":
-            kind = "onnx" if (self.path / ONNX_FP32).is_file() and backends.onnxruntime_available() else "torch"
+            kind = "onnx" if is_present(self.path / ONNX_FP32) and backends.onnxruntime_available() else "torch"
         if kind in ("onnx", "onnx-int8"):
             path = self.path / (ONNX_FP32 if kind == "onnx" else ONNX_INT8)
             return self._probed(backends.OnnxBackend(path, self.meta, threads=threads), path)
@@ -155,7 +155,10 @@ class Run:
     def read_optional(self, name: str) -> dict:
         """A run's optional JSON file (metrics, summary, env) or {} when absent; a corrupt one still errors."""
         path = self.path / name
-        return read_json(path) if path.is_file() else {}
+        data = read_json(path) if is_present(path) else {}  # a link, FIFO or oversized file is refused
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} does not hold a JSON object")
+        return data
 
     # --- writing ---------------------------------------------------------------------------------------------
 

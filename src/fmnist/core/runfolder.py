@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -42,7 +43,70 @@ REPORT_DIR = "report"  # `fmnist report`'s default output folder, inside the run
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+# The most a run file of each kind may hold: a run folder may come from a stranger, and a file in it is read
+# only if it is a regular file inside the folder of at most this many bytes (fmnist's own are far smaller:
+# model.json some kB, the largest preset's weights and export a few MB).
+MiB = 1 << 20
+SIZE_LIMITS = {".json": 16 * MiB, ".safetensors": 256 * MiB, ".onnx": 256 * MiB, ".csv": 64 * MiB,
+               ".log": 64 * MiB, ".pt": 1024 * MiB}
+DEFAULT_SIZE_LIMIT = 64 * MiB
 
+
+def size_limit(name: str) -> int:
+    """The size limit of a run file, by its kind (its suffix)."""
+    return SIZE_LIMITS.get(Path(name).suffix, DEFAULT_SIZE_LIMIT)
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "something else"
+
+
+def _check_stat(path: Path, st: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path} is {_file_kind(st.st_mode)}, not a regular file: a run file must be a "
+                              "regular file inside the run folder")
+    if st.st_size > limit:
+        raise CheckpointError(f"{path} is {st.st_size:,} bytes, over the {limit:,}-byte limit for a "
+                              f"{path.suffix or 'run'} file: not a file fmnist wrote")
+
+
+def is_present(path) -> bool:
+    """Whether something is at ``path`` (a file, or a link, FIFO or device that :func:`read_run_file` refuses)."""
+    return os.path.lexists(path)
+
+
+def read_run_file(path, limit: int | None = None) -> bytes:
+    """The bytes of a run file, read only if it is a regular file (not a symlink, FIFO, device or folder) of
+    at most ``limit`` bytes (default: :func:`size_limit` of its kind). One CheckpointError naming it otherwise.
+
+    The file is opened without following a link and without blocking (a FIFO swapped in after the check
+    cannot hang the read), then checked again on the open descriptor."""
+    path = Path(path)
+    limit = size_limit(path.name) if limit is None else limit
+    try:
+        _check_stat(path, os.lstat(path), limit)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        _check_stat(path, os.fstat(fd), limit)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew since the check
+        raise CheckpointError(f"{path} is over the {limit:,}-byte limit for a {path.suffix or 'run'} file")
+    return data
 
 
 def _atomic(path: Path, write, io_errors: tuple = ()) -> None:
@@ -86,12 +150,12 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path) -> dict:
+    """A JSON file fmnist wrote, read as a run file (:func:`read_run_file`). Non-finite numbers are left to
+    the checks of the fields that hold them."""
     path = Path(path)
+    data = read_run_file(path)
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found") from None
+        return json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     except RecursionError:
@@ -137,20 +201,20 @@ def save_arrays(path, arrays: dict, metadata: dict | None = None) -> None:
     _atomic(Path(path), lambda tmp: save_file(arrays, tmp, metadata=metadata), io_errors=(SafetensorError,))
 
 
-def load_arrays(path) -> dict:
-    """A safetensors file as NumPy arrays; a clear CheckpointError for a missing or damaged file."""
-    from safetensors.numpy import load_file
+def load_arrays(path, data: bytes | None = None) -> dict:
+    """A safetensors file (or its bytes, ``data``, read already) as NumPy arrays; a clear CheckpointError for a
+    missing or damaged file."""
+    from safetensors.numpy import load
 
-    return load_safetensors(path, load_file)
+    return load_safetensors(path, load, data)
 
 
-def load_safetensors(path, load_file) -> dict:
-    """``load_file(path)`` of a safetensors module (numpy or torch), with one clear error for a missing or
-    damaged file."""
+def load_safetensors(path, load, data: bytes | None = None) -> dict:
+    """``load(bytes)`` of a safetensors module (numpy or torch) on the run file ``path`` (:func:`read_run_file`)
+    or on its bytes ``data``, with one clear error for a missing or damaged file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found")
+    data = read_run_file(path) if data is None else data
     try:
-        return load_file(str(path))
+        return load(data)
     except Exception as e:  # safetensors raises several types for corrupt headers/data
         raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None

@@ -20,6 +20,14 @@ def finite_threshold(value, name: str) -> float:
     return float(value)
 
 
+def check_probability(value, name: str) -> float:
+    """A confidence threshold: a finite number from 0 to 1 (see :func:`finite_threshold`), never clamped."""
+    value = finite_threshold(value, name)
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f"{name} must be a number from 0 to 1 (a calibrated probability), got {value!r}")
+    return value
+
+
 def is_ood(ood_score: float | None, ood_threshold: float | None) -> bool:
     """The OOD gate: above the threshold, or a NaN score, is not a garment; no detector (None) passes all."""
     if ood_score is None or ood_threshold is None:

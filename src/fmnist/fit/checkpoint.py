@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from fmnist.core.run import MODEL_FORMAT, SCHEMA_VERSION
 from fmnist.core.runfolder import (  # noqa: F401 (read_json re-exported)
@@ -33,7 +33,7 @@ def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None =
 
 
 def load_tensors(path) -> dict[str, torch.Tensor]:
-    return load_safetensors(path, load_file)
+    return load_safetensors(path, load)
 
 
 def save_state(path, state: dict) -> None:

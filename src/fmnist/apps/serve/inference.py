@@ -151,7 +151,7 @@ def single_threaded_compute() -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, user_api="blas")
-    if "torch" in sys.modules:  # the PyTorch backend (a server on ONNX Runtime never imports it)
-        torch = sys.modules["torch"]
+    torch = sys.modules.get("torch")  # None when absent, or blocked (sys.modules["torch"] = None)
+    if torch is not None:  # the PyTorch backend (a server on ONNX Runtime never imports it)
         torch.set_num_threads(1)
         torch.set_flush_denormal(True)  # denormal floats can slow CPU kernels many times over
