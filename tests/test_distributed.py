@@ -26,10 +26,11 @@ from fmnist.fit.train import resolve_config, steps_per_epoch, train
 
 # No BatchNorm, no dropout, no augmentation: nothing differs between one process and two but how the batch is cut.
 PLAIN = dict(model="seed-b-mlp", optimizer="sgd", lr=0.05, batch_size=32, epochs=1, subset=160, val_size=100,
-             augment="none", tta=False, precision="fp32", label_smoothing=0.1, threads=1, time_budget=0, seed=0)
+             augment="none", tta=False, precision="fp32", label_smoothing=0.1, threads=1, time_budget=0, seed=0,
+             select="val_acc")
 # BatchNorm and per-rank augmentation; 150 images = 4 batches of 32 and a last one of 22 (11 per rank).
 BN = dict(model="s2d-24", optimizer="sgd", lr=0.05, batch_size=32, epochs=2, subset=150, val_size=100,
-          augment="flip,crop", tta=True, precision="fp32", threads=1, time_budget=0, seed=0)
+          augment="flip,crop", tta=True, precision="fp32", threads=1, time_budget=0, seed=0, select="val_acc")
 TIMING_COLUMNS = {"seconds", "elapsed"}
 
 
@@ -163,10 +164,10 @@ def test_torchrun_writes_one_ordinary_run_folder(tmp_path, idx_dir, capsys):
     assert json.loads((out / "env.json").read_text())["world_size"] == 2
     assert json.loads((out / "train_summary.json").read_text())["world_size"] == 2
     assert "x 2 processes" in (out / "train.log").read_text()
-    # The preset's recipe is the epoch table's: the ranks agree on rank 0's row (no row fits 3 s: the first)
-    assert (out / "train.log").read_text().count("recipe: row '3 epochs'") == 1
+    # The preset's recipe is the epoch table's: the ranks agree on rank 0's row (nothing fits 3 s: the cheapest)
+    assert (out / "train.log").read_text().count("recipe: ") == 1
     run = Run.load(out)
-    assert run.config["model"] == "s2d-32" and run.config["batch_size"] == 32 and "calibration" in run.meta
+    assert run.config["model"] == "s2dw-24" and run.config["batch_size"] == 32 and "calibration" in run.meta
     assert main(["evaluate", str(out), "--data-dir", str(idx_dir), "--no-verify", "--threads", "1"]) == 0
     assert json.loads((out / "metrics.json").read_text())["n"] == 300
 

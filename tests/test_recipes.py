@@ -7,63 +7,72 @@ import pytest
 import torch
 from conftest import make_synthetic
 
-from fmnist.fit.recipes import EPOCH_TABLE, TINY_TABLE, choose_row, resolve_config, table_recipe
+from fmnist.fit.recipes import EPOCH_TABLE, choose_row, predicted_accuracy, resolve_config, table_recipe
 from fmnist.fit.train import train
 
 # What one epoch of each table model costs on three made-up machines (seconds): relative costs as measured on a
-# 2-core CPU (s2d-32 : resnet9-s : resnet9-m : resnet9-l about 1 : 3 : 8 : 30), the GPU far flatter.
-CPU = {"s2d-32": 6.0, "resnet9-s": 17.0, "resnet9-m": 48.0, "resnet9-l": 180.0}
+# 2-core AVX2 CPU (s2dw-24 : s2dw-32 : air-32 : resnet9-s : resnet9-m : resnet9-l about 0.6 : 1 : 2.3 : 3.3 : 11
+# : 40), the GPU far flatter.
+CPU = {"s2dw-24": 12.0, "s2dw-32": 20.0, "air-32": 46.0, "resnet9-s": 66.0, "resnet9-m": 220.0, "resnet9-l": 800.0}
 FAST_CPU = {k: v / 3 for k, v in CPU.items()}
-GPU = {"s2d-32": 0.6, "resnet9-s": 0.5, "resnet9-m": 0.8, "resnet9-l": 1.2}
-PARAMS = {"s2d-32": 143_242, "resnet9-s": 415_066, "resnet9-m": 1_650_346, "resnet9-l": 6_581_578}
+GPU = {"s2dw-24": 0.5, "s2dw-32": 0.5, "air-32": 0.5, "resnet9-s": 0.5, "resnet9-m": 0.8, "resnet9-l": 1.2}
 
 
-def rows_chosen(spendable: float, machine: dict) -> tuple[int, list[str]]:
+def chosen(spendable: float, machine: dict) -> tuple[str, int, list[str]]:
+    """(model chosen, its row's epochs, the models timed)."""
     asked = []
 
     def seconds(recipe):
         asked.append(recipe["model"])
-        return machine[recipe["model"]]
+        return machine[recipe["model"]], 0.0
 
-    i = choose_row(spendable, seconds, EPOCH_TABLE, size=lambda r: PARAMS[r["model"]])
-    return EPOCH_TABLE[i][0], asked
+    i, epochs, accuracy = choose_row(spendable, seconds, EPOCH_TABLE)
+    assert accuracy == pytest.approx(predicted_accuracy(EPOCH_TABLE, EPOCH_TABLE[i][1]["model"], epochs))
+    return EPOCH_TABLE[i][1]["model"], EPOCH_TABLE[i][0], asked
 
 
-@pytest.mark.parametrize("spendable,machine,row", [
-    (51, CPU, 3),          # the fast preset on a 2-core CPU: 3 epochs of s2d-32 fit, 5 of resnet9-s do not
-    (171, CPU, 5),         # the default preset: 5 epochs of resnet9-s
-    (876, CPU, 10),        # the best preset: 10 epochs of resnet9-m, not 20
-    (51, FAST_CPU, 5),     # a machine 3x faster buys a longer row for the same budget
-    (171, FAST_CPU, 10),
-    (60, GPU, 40),         # a GPU: 40 epochs of resnet9-l in a minute
-    (70, GPU, 80),         # and 80 of resnet9-m a little above it
-    (1, CPU, 3),           # nothing fits: the shortest row, trained for what the budget allows
+@pytest.mark.parametrize("spendable,machine,model,row", [
+    (45, CPU, "s2dw-24", 4),      # fast on an AVX2 laptop: under 4 epochs of anything; s2dw-24 trains the most
+    (160, CPU, "air-32", 3),      # default: 3.5 epochs of air-32 beat 8 of s2dw-32
+    (860, CPU, "resnet9-s", 10),  # best: 13 epochs of resnet9-s beat air-32 (measured to 3) and 4 of resnet9-m
+    (45, FAST_CPU, "air-32", 3),  # a machine 3x faster affords the better model for the same budget
+    (60, GPU, "resnet9-m", 20),   # a GPU: 75 epochs of resnet9-m (95.6 % predicted) beat 50 of resnet9-l
+    (1, CPU, "s2dw-24", 4),       # nothing fits: the cheapest model, trained for what the budget allows
 ])
-def test_measured_speed_picks_the_row(spendable, machine, row):
-    assert rows_chosen(spendable, machine)[0] == row
+def test_measured_speed_picks_the_model_predicted_best(spendable, machine, model, row):
+    assert chosen(spendable, machine)[:2] == (model, row)
 
 
-def test_a_model_too_slow_for_a_row_is_not_probed_for_longer_rows():
-    row, asked = rows_chosen(171, CPU)  # resnet9-m fails at 10 epochs: resnet9-l (40 epochs) is never timed
-    assert row == 5 and "resnet9-l" not in asked
-    # but a smaller model of a longer row still is: 80 epochs of resnet9-m after 40 of resnet9-l failed
-    assert rows_chosen(70, GPU)[1].count("resnet9-m") >= 2
+def test_models_that_cannot_matter_are_not_timed():
+    _, _, asked = chosen(45, CPU)  # resnet9-m would train 0.2 epochs: never timed; nor resnet9-l
+    assert "resnet9-m" not in asked and "resnet9-l" not in asked
+    assert asked[0] == "s2dw-24" and len(asked) == len(set(asked))  # cheapest first, each once
 
 
-@pytest.mark.parametrize("epochs,row", [(1, 3), (3, 3), (4, 3), (7, 5), (10, 10), (39, 20), (100, 80)])
-def test_epochs_pick_the_longest_row_not_longer(epochs, row):
-    assert table_recipe(epochs)[0] == row
+def test_predicted_accuracy_interpolates_and_stays_flat_past_the_table():
+    rows = [(e, r, acc) for e, r, acc in EPOCH_TABLE if r["model"] == "resnet9-m"]
+    assert predicted_accuracy(EPOCH_TABLE, "resnet9-m", 10) == rows[0][2]
+    assert rows[0][2] < predicted_accuracy(EPOCH_TABLE, "resnet9-m", 14) < rows[1][2]
+    assert predicted_accuracy(EPOCH_TABLE, "resnet9-m", 500) == rows[-1][2]
+    assert predicted_accuracy(EPOCH_TABLE, "resnet9-m", 5) == pytest.approx(rows[0][2] - 2.0)
+
+
+@pytest.mark.parametrize("epochs,model,row", [(1, "air-32", 3), (3, "air-32", 3), (10, "resnet9-m", 10),
+                                              (39, "resnet9-l", 40), (100, "resnet9-l", 100)])
+def test_epochs_pick_the_model_predicted_best_at_that_many(epochs, model, row):
+    e, recipe = table_recipe(epochs)
+    assert (recipe["model"], e) == (model, row)
 
 
 def test_epochs_without_a_budget_train_the_table_recipe():
-    row = dict(EPOCH_TABLE)[10]
+    row = next(r for e, r, _ in EPOCH_TABLE if e == 10 and r["model"] == "resnet9-m")
     cfg = resolve_config("default", epochs=10, time_budget=0)
     assert (cfg.model, cfg.batch_size, cfg.lr, cfg.augment) == (row["model"], row["batch_size"], row["lr"],
                                                                  row["augment"])
-    assert cfg.epochs == 10 and cfg.time_budget == 0 and cfg.select == "val_acc"
+    assert cfg.epochs == 10 and cfg.time_budget == 0 and cfg.select == "last"
     # explicit values still win over the row
     assert resolve_config("default", epochs=10, time_budget=0, lr=0.05, model="s2d-24").lr == 0.05
-    assert resolve_config("tiny", epochs=30, time_budget=0).model == dict(TINY_TABLE)[20]["model"]
+    assert resolve_config("tiny", epochs=30, time_budget=0).model == "s2d-24"
 
 
 def test_a_budgeted_auto_recipe_keeps_what_its_user_gave():
@@ -71,8 +80,8 @@ def test_a_budgeted_auto_recipe_keeps_what_its_user_gave():
     assert cfg.model == "auto" and cfg.pinned == "augment,batch_size"
     from fmnist.fit.throughput import size_recipe
 
-    chosen, note = size_recipe(cfg, torch.device("cpu"), n_train=640, n_val=64, reserve=0.0)
-    assert chosen.batch_size == 64 and chosen.augment == "flip" and chosen.model in {r["model"] for _, r in
+    picked, note = size_recipe(cfg, torch.device("cpu"), n_train=640, n_val=64, reserve=0.0)
+    assert picked.batch_size == 64 and picked.augment == "flip" and picked.model in {r["model"] for _, r, _ in
                                                                                     EPOCH_TABLE}
     assert "as given" in note
 
@@ -94,11 +103,11 @@ def test_a_budgeted_preset_probes_trains_the_row_and_ends_within_its_budget(tmp_
     summary = train(cfg, out=tmp_path / "run", data=data, quiet=True)
     wall = time.monotonic() - t0
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "recipe: row '" in log and "probe" in log
+    assert "recipe: " in log and "epoch table" in log and "probe" in log
     from fmnist.fit.recipes import read_config
 
     saved = read_config(tmp_path / "run" / "config.json")
-    assert saved.model in {row["model"] for _, row in EPOCH_TABLE} and saved.time_budget == budget
+    assert saved.model in {row["model"] for _, row, _ in EPOCH_TABLE} and saved.time_budget == budget
     import csv
 
     with open(tmp_path / "run" / "history.csv") as f:

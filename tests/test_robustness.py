@@ -43,7 +43,8 @@ def v1(tmp_path) -> Path:
 def recipe(**kw):
     """A one-second recipe: the MLP, one epoch on the tiny data, no clock."""
     return resolve_config("fast", **{**dict(model="seed-b-mlp", time_budget=0, epochs=1, lr=0.1, batch_size=32,
-                                          val_size=40, threads=1, seed=0, augment="none", tta=False), **kw})
+                                          val_size=40, threads=1, seed=0, augment="none", tta=False,
+                                          select="val_acc"), **kw})
 
 
 def strict_json_lines(text: str) -> list[dict]:

@@ -56,9 +56,11 @@ class TrainConfig:
     val_size: int = field(default=10_000, metadata={"help": (
         'validation images held out of the 60,000 (stratified, seeded)'
     )})
-    # which validation figure picks the kept epoch: val_loss | val_acc
+    # which validation figure picks the kept epoch: val_loss | val_acc; last keeps the final weights and
+    # validates them alone (a schedule that anneals to 0 ends at its best: other passes would change nothing)
     select: str = field(default="val_loss", metadata={"help": (
-        'which validation figure picks the epoch kept: val_loss or val_acc'
+        'which validation figure picks the epoch kept: val_loss or val_acc; last: keep the final epoch and '
+        'validate only it'
     )})
     # stop after this many epochs without improvement; 0 never stops early
     patience: int = field(default=0, metadata={"help": (
@@ -123,37 +125,46 @@ PRESETS: dict[str, dict] = {
     # the probe, training, validation and the calibration/OOD fit; loading the data (~1 s) comes on top.
     # Their model "auto" takes the recipe from the epoch table for the epochs the budget buys on this machine
     # (machines here differ 2-3x in speed: one static recipe is over-fitted on one and under-trained on another).
-    "fast": dict(model="auto", time_budget=55, select="val_acc"),
-    "default": dict(model="auto", time_budget=175, select="val_acc"),
-    "best": dict(model="auto", time_budget=880, select="val_acc"),
-    "tiny": dict(model="auto-tiny", time_budget=880, select="val_acc"),
+    "fast": dict(model="auto", time_budget=55, select="last"),
+    "default": dict(model="auto", time_budget=175, select="last"),
+    "best": dict(model="auto", time_budget=880, select="last"),
+    "tiny": dict(model="auto-tiny", time_budget=880, select="last"),
 }
 DEFAULT_PRESET = "default"
 
-# The epoch table: for a number of epochs, the recipe that measured best on the validation split
-# (benchmarks/epoch_table.py; README, "The epoch table"). A time-budgeted preset (model "auto") probes how fast each
-# row's model trains on this machine and takes the longest row its budget affords; ``fmnist train --epochs N``
-# without a budget trains row N's recipe. All: SGD-Nesterov, one-cycle, label smoothing 0.1, weight decay 5e-4.
-# Short schedules want small models and little augmentation (resnet9-m trails resnet9-s by 2.2 points at 5
-# epochs; crops cost 0.6 at 3-5 epochs); from 10 epochs crops pay, from 20 random erasing, and the widest model
-# only from 40 (it trails resnet9-m by 1.4 points at 10). At 3 epochs s2d-32 and resnet9-s tie (91.92 vs 92.04 %
-# val., one seed) and the table takes s2d-32, 2.5x cheaper per epoch on a CPU.
-EPOCH_TABLE: tuple[tuple[int, dict], ...] = (
-    (3, dict(model="s2d-32", batch_size=128, lr=0.2, augment="flip")),
-    (5, dict(model="resnet9-s", batch_size=256, lr=0.2, augment="flip")),
-    (10, dict(model="resnet9-m", batch_size=256, lr=0.2, augment="flip,crop")),
-    (20, dict(model="resnet9-m", batch_size=256, lr=0.2, augment="flip,crop,erase")),
-    (40, dict(model="resnet9-l", batch_size=256, lr=0.2, augment="flip,crop,erase")),
-    (80, dict(model="resnet9-m", batch_size=256, lr=0.2, augment="flip,crop,erase")),
+# The epoch table: recipes measured for a number of epochs, with the validation accuracy (%, flip TTA) each
+# reached; several rows per model (docs/results.md, "The epoch table"). A time-budgeted preset (model "auto") times
+# each model here (:mod:`fmnist.fit.throughput`), predicts what it reaches in the epochs the budget buys, and trains
+# the model predicted best, with its row for those epochs; ``fmnist train --epochs N`` without a budget trains the
+# row predicted best at N epochs. All: SGD-Nesterov, one-cycle to 0, label smoothing 0.1, weight decay 5e-4; the
+# final epoch kept. Sources: the s2dw and air rows on a 2-core AMD EPYC Zen 3 (benchmarks/ablation.py, 3 seeds
+# where the docs say so); the resnet9 rows on an NVIDIA H200 (benchmarks/epoch_table.py, bf16). Short schedules
+# want small models and little augmentation; from 10 epochs crops pay, from 20 random erasing.
+EPOCH_TABLE: tuple[tuple[int, dict, float], ...] = (
+    (4, dict(model="s2dw-24", batch_size=128, lr=0.2, augment="flip"), 92.67),
+    (3, dict(model="s2dw-32", batch_size=128, lr=0.2, augment="flip"), 92.54),
+    (8, dict(model="s2dw-32", batch_size=128, lr=0.2, augment="flip"), 93.67),
+    (3, dict(model="air-32", batch_size=128, lr=0.2, augment="flip"), 93.75),
+    (5, dict(model="resnet9-s", batch_size=256, lr=0.2, augment="flip"), 93.56),
+    (10, dict(model="resnet9-s", batch_size=256, lr=0.2, augment="flip,crop"), 94.32),
+    (10, dict(model="resnet9-m", batch_size=256, lr=0.2, augment="flip,crop"), 94.56),
+    (20, dict(model="resnet9-m", batch_size=256, lr=0.2, augment="flip,crop,erase"), 95.20),
+    (80, dict(model="resnet9-m", batch_size=256, lr=0.2, augment="flip,crop,erase"), 95.66),
+    (40, dict(model="resnet9-l", batch_size=256, lr=0.2, augment="flip,crop,erase"), 95.54),
+    (100, dict(model="resnet9-l", batch_size=256, lr=0.2, augment="flip,crop,erase"), 95.69),
 )
-# The same for models under 100,000 parameters (the tiny preset): s2d-24, flips alone up to about 11 epochs, crops
-# from 18 (93.1 % val.), measured on a 2-core CPU.
-TINY_TABLE: tuple[tuple[int, dict], ...] = (
-    (3, dict(model="s2d-24", batch_size=128, lr=0.2, augment="flip")),
-    (20, dict(model="s2d-24", batch_size=128, lr=0.2, augment="flip,crop")),
+# The same for models under 100,000 parameters (the tiny preset).
+TINY_TABLE: tuple[tuple[int, dict, float], ...] = (
+    (4, dict(model="s2dw-24", batch_size=128, lr=0.2, augment="flip"), 92.67),
+    (20, dict(model="s2d-24", batch_size=128, lr=0.2, augment="flip,crop"), 93.1),
 )
 AUTO_MODELS = {"auto": EPOCH_TABLE, "auto-tiny": TINY_TABLE}
-TABLE_KEYS = {k for table in AUTO_MODELS.values() for _, row in table for k in row}
+TABLE_KEYS = {k for table in AUTO_MODELS.values() for _, row, _ in table for k in row}
+# What an epoch of each table model costs relative to s2dw-32 (training images/s on a 2-core AVX2 CPU, fp32):
+# models that could not train even half their first row's epochs at this cost are not timed (a probe of a large
+# model costs seconds of a short budget).
+RELATIVE_COST = {"s2dw-24": 0.6, "s2d-24": 0.6, "s2dw-32": 1.0, "air-32": 2.3, "resnet9-s": 3.3, "resnet9-m": 11.0,
+                 "resnet9-l": 40.0}
 
 
 def row_values(recipe: dict, cfg: TrainConfig) -> dict:
@@ -162,32 +173,61 @@ def row_values(recipe: dict, cfg: TrainConfig) -> dict:
     return {k: v for k, v in recipe.items() if k not in pinned}
 
 
-def table_recipe(epochs: int, table: tuple[tuple[int, dict], ...] = EPOCH_TABLE) -> tuple[int, dict]:
-    """(row, recipe) of the table for ``epochs``: the longest row not longer than ``epochs`` (the first row
-    below it). The recipe is a dict of TrainConfig values, ``select`` included."""
-    row, recipe = table[0]
-    for e, r in table:
-        if e <= epochs:
-            row, recipe = e, r
-    return row, {**recipe, "select": "val_acc"}
+def predicted_accuracy(table, model: str, epochs: float) -> float:
+    """Validation accuracy (%) the table predicts for ``model`` after ``epochs``: linear in log(epochs) between
+    its rows, flat past its longest row (nothing measured says it keeps improving), and 2 points lower for each
+    halving below its shortest row."""
+    points = sorted((e, acc) for e, r, acc in table if r["model"] == model)
+    if epochs >= points[-1][0]:
+        return points[-1][1]
+    if epochs <= points[0][0]:
+        return points[0][1] - 2.0 * math.log2(points[0][0] / max(epochs, 1e-3))
+    for (e0, a0), (e1, a1) in zip(points, points[1:]):
+        if e0 <= epochs <= e1:
+            return a0 + (a1 - a0) * math.log(epochs / e0) / math.log(e1 / e0)
+    raise AssertionError("unreachable")
 
 
-def choose_row(spendable: float, epoch_seconds, table: tuple[tuple[int, dict], ...] = EPOCH_TABLE,
-               size=lambda recipe: 0) -> int:
-    """Index of the row a budget affords: the longest row whose own recipe trains its epochs within
-    ``spendable`` seconds; the first row when none does. ``epoch_seconds(recipe)`` says what one epoch of a row's
-    recipe costs here. It is asked row by row, shortest first, except for rows that cannot fit: a row longer than
-    one that did not fit, with a model no smaller (``size(recipe)``, its parameters), is skipped unasked (a probe of
-    a large model on a CPU costs seconds of the budget)."""
-    chosen, too_big = 0, None
-    for i, (epochs, recipe) in enumerate(table):
-        if too_big is not None and size(recipe) >= too_big:
+def _row_for(table, model: str, epochs: float) -> int:
+    """Index of ``model``'s longest row not longer than ``epochs`` (its shortest when all are longer)."""
+    rows = sorted((e, i) for i, (e, r, _) in enumerate(table) if r["model"] == model)
+    return max([i for e, i in rows if e <= epochs], key=lambda i: table[i][0], default=rows[0][1])
+
+
+def table_recipe(epochs: int, table: tuple[tuple[int, dict, float], ...] = EPOCH_TABLE) -> tuple[int, dict]:
+    """(row epochs, recipe) for ``epochs`` without a budget: the row of the model predicted best after that many
+    epochs. The recipe is a dict of TrainConfig values, ``select`` included."""
+    models = list(dict.fromkeys(r["model"] for _, r, _ in table))
+    model = max(models, key=lambda m: predicted_accuracy(table, m, epochs))
+    e, recipe, _ = table[_row_for(table, model, epochs)]
+    return e, {**recipe, "select": "last"}
+
+
+def choose_row(spendable: float, epoch_seconds, table: tuple[tuple[int, dict, float], ...] = EPOCH_TABLE,
+               cost=lambda model: RELATIVE_COST.get(model, 1.0)) -> tuple[int, float, float]:
+    """(row index, epochs affordable, predicted accuracy) for a budget of ``spendable`` seconds of training: the
+    model predicted most accurate after the epochs it can train here, and its row for them.
+
+    ``epoch_seconds(recipe)`` times a row's recipe here: (seconds per epoch, seconds once: the final
+    validation pass). Models are timed cheapest first (by
+    ``cost``); a model is not timed when the first one's time scaled by the cost ratio says it could not train
+    half its shortest row, or when even its best row would not beat the choice so far."""
+    models = sorted(dict.fromkeys(r["model"] for _, r, _ in table), key=cost)
+    best = (-math.inf, 0, 0.0)  # (predicted accuracy, row, epochs)
+    base = None  # (model, seconds per epoch) of the first model timed
+    for model in models:
+        rows = [(e, i, acc) for i, (e, r, acc) in enumerate(table) if r["model"] == model]
+        if max(acc for _, _, acc in rows) <= best[0]:
             continue
-        if epochs * epoch_seconds(recipe) <= spendable:
-            chosen = i
-        else:
-            too_big = size(recipe) if too_big is None else min(too_big, size(recipe))
-    return chosen
+        if base is not None and spendable / (base[1] * cost(model) / cost(base[0])) < min(rows)[0] / 2:
+            continue
+        seconds, once = epoch_seconds(table[min(rows)[1]][1])
+        base = base or (model, seconds)
+        epochs = max(spendable - once, 0.0) / seconds
+        accuracy = predicted_accuracy(table, model, epochs)
+        if accuracy > best[0]:
+            best = (accuracy, _row_for(table, model, epochs), epochs)
+    return best[1], best[2], best[0]
 
 
 def resolve_config(preset: str | None = None, **overrides) -> TrainConfig:
@@ -263,7 +303,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.lr > 0, "--lr must be > 0"),
         (cfg.optimizer in ("sgd", "adam", "adamw"), "--optimizer must be sgd, adam or adamw"),
         (cfg.schedule in ("onecycle", "cosine", "constant"), "--schedule must be onecycle, cosine or constant"),
-        (cfg.select in ("val_loss", "val_acc"), "--select must be val_loss or val_acc"),
+        (cfg.select in ("val_loss", "val_acc", "last"), "--select must be val_loss, val_acc or last"),
+        (cfg.select != "last" or cfg.schedule != "constant" and not cfg.patience,
+         "--select last keeps the final weights: it needs a schedule that anneals (onecycle, cosine) and no "
+         "--patience"),
         (cfg.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
         (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
         (cfg.val_size >= 0 and cfg.time_budget >= 0 and cfg.patience >= 0, "negative sizes are not allowed"),

@@ -18,7 +18,7 @@ from fmnist import CLASS_NAMES
 from fmnist.core.preprocess import make_spec
 from fmnist.fit import runtime
 from fmnist.fit.augment import augment_batch, parse_augment
-from fmnist.fit.models import count_parameters, create_model
+from fmnist.fit.models import create_model
 from fmnist.fit.recipes import AUTO_MODELS, TrainConfig, choose_row, make_optimizer, row_values
 
 WARMUP_STEPS, TIMED_STEPS = 1, 2  # the first step pays for kernel selection and allocation; then two are timed
@@ -55,43 +55,39 @@ def step_seconds(cfg: TrainConfig, device: torch.device) -> float:
     return (time.perf_counter() - t0) / TIMED_STEPS
 
 
-def epoch_seconds(cfg: TrainConfig, device: torch.device, n_train: int, n_val: int) -> float:
-    """One epoch of ``cfg`` here: its training steps and one validation pass (a forward pass costs about a
-    third of a training step per image, as :class:`fmnist.fit.budget.TimeBudget` assumes before it has measured)."""
+def epoch_seconds(cfg: TrainConfig, device: torch.device, n_train: int, n_val: int) -> tuple[float, float]:
+    """(seconds of one training epoch of ``cfg`` here, seconds of its one validation pass): a forward pass costs
+    about a third of a training step per image, as :class:`fmnist.fit.budget.TimeBudget` assumes before it has
+    measured."""
     per_step = step_seconds(cfg, device)
     val_images = n_val * (2 if cfg.tta else 1)
-    return per_step * (max(1, n_train // cfg.batch_size) + val_images / cfg.batch_size / 3)
+    return per_step * max(1, n_train // cfg.batch_size), per_step * val_images / cfg.batch_size / 3
 
 
 def size_recipe(cfg: TrainConfig, device: torch.device, n_train: int, n_val: int, reserve: float,
                 agree=lambda i: i) -> tuple[TrainConfig, str]:
     """``cfg`` with the table row its time budget affords here, and a line that says why.
 
-    ``reserve``: seconds kept for after training (the trust fit). Rows are probed shortest first; a row whose
-    model cannot train its epochs in what is left ends the search (:func:`fmnist.fit.recipes.choose_row`).
+    ``reserve``: seconds kept for after training (the trust fit). The models are timed cheapest first and the
+    one predicted most accurate in the epochs it can train is taken (:func:`fmnist.fit.recipes.choose_row`).
     ``agree(i)``: the row every process of a data-parallel run takes (rank 0's choice)."""
     table = AUTO_MODELS[cfg.model]
     t0 = time.monotonic()
-    measured: dict[int, float] = {}
+    measured: dict[str, float] = {}
 
-    per_model: dict[tuple, float] = {}  # rows that share a model and batch size share a probe
+    def seconds(recipe: dict) -> tuple[float, float]:
+        trial = dataclasses.replace(cfg, **row_values(recipe, cfg))
+        per_epoch, once = epoch_seconds(trial, device, n_train, n_val)
+        measured[trial.model] = per_epoch
+        return per_epoch, once
 
-    def seconds(recipe: dict) -> float:
-        row, trial = next(e for e, r in table if r is recipe), dataclasses.replace(cfg, **row_values(recipe, cfg))
-        key = (trial.model, trial.batch_size)
-        if key not in per_model:
-            per_model[key] = epoch_seconds(trial, device, n_train, n_val)
-        measured[row] = per_model[key]
-        return measured[row]
-
-    def size(recipe: dict) -> int:
-        return count_parameters(create_model(recipe["model"]))
-
-    i = int(agree(choose_row(cfg.time_budget - reserve, seconds, table, size)))
-    epochs, recipe = table[i]
-    probe = ", ".join(f"{table_row} epochs: {s:.2f} s/epoch" for table_row, s in measured.items())
+    i, epochs, accuracy = choose_row(cfg.time_budget - reserve, seconds, table)
+    i = int(agree(i))
+    row_epochs, recipe, _ = table[i]
+    probe = ", ".join(f"{model} {s:.2f} s/epoch" for model, s in measured.items())
     chosen = dataclasses.replace(cfg, **row_values(recipe, cfg))
     given = f", {cfg.pinned.replace(',', ', ')} as given" if cfg.pinned else ""
-    note = (f"recipe: row '{epochs} epochs' of the epoch table ({chosen.model}, batch {chosen.batch_size}, "
-            f"lr {chosen.lr:g}, augment {chosen.augment}{given}); probe {time.monotonic() - t0:.1f} s ({probe})")
+    note = (f"recipe: {chosen.model} (the epoch table's '{row_epochs} epochs' row: batch {chosen.batch_size}, "
+            f"lr {chosen.lr:g}, augment {chosen.augment}{given}), about {epochs:.1f} epochs here, predicted "
+            f"{accuracy:.1f} % validation accuracy; probe {time.monotonic() - t0:.1f} s ({probe})")
     return chosen, note

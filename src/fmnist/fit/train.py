@@ -79,6 +79,7 @@ class State:
     epoch: int = 0
     step: int = 0
     wrapped: torch.nn.Module | None = None  # the DistributedDataParallel wrapper, across processes
+    val_outputs: tuple | None = None  # (features, logits) of the kept model on the validation split, as served
     # On an accelerator, augmentation draws its random numbers there: a generator on the host would make every
     # step copy them over and wait for the device (a host sync per step). On the CPU it is ``gen`` itself.
     aug_gen: torch.Generator | None = None
@@ -257,7 +258,7 @@ def validate_and_keep(job: Job, st: State, train_row: dict, t_epoch: float) -> t
     backend = TorchBackend(st.eval_model(), precision=job.precision, channels_last=cfg.channels_last)
     # An accelerator takes the validation split in a few large calls; the CPU's best batch is forward's default.
     batch = BATCH_SIZE if backend.device.type == "cpu" else 5000
-    val_logits = torch.from_numpy(forward(backend, d.x_val, tta=cfg.tta, batch_size=batch)[1])
+    val_feats, val_logits = (torch.from_numpy(a) for a in forward(backend, d.x_val, tta=cfg.tta, batch_size=batch))
     job.budget.note_validation(time.monotonic() - t_val)
     # No validation set (--val-size 0): no figures (None, not NaN, which JSON cannot hold); keep the last epoch.
     has_val = len(d.y_val) > 0
@@ -270,11 +271,16 @@ def validate_and_keep(job: Job, st: State, train_row: dict, t_epoch: float) -> t
         raise TrainingDiverged(f"training diverged at epoch {st.epoch}: loss {row['train_loss']:.4g} (train), "
                                f"{row['val_loss']} (validation); try a lower --lr. The run folder keeps the "
                                "last finite epoch's model and resume state")
-    value = row[cfg.select]
+    value = row["val_acc" if cfg.select == "last" else cfg.select]
     sign = 1.0 if cfg.select == "val_loss" else -1.0
-    improved = not has_val or st.best["value"] is None or sign * value < sign * st.best["value"]
+    improved = (not has_val or cfg.select == "last" or st.best["value"] is None
+                or sign * value < sign * st.best["value"])
     if improved:
         st.best = {"epoch": st.epoch, "value": value}
+        # The trust fit runs the kept model as served (fp32 on the host): these are its validation outputs
+        # when validation ran the same way, and the fit need not compute them again.
+        same_as_served = job.precision == "fp32" and backend.device.type == "cpu"
+        st.val_outputs = (val_feats, val_logits) if same_as_served else None
         if job.ctx.is_main:
             save_model(job.out, st.eval_model(), _model_meta(cfg, job.data_info, row, st.best, d.spec))
     return row, improved
@@ -469,7 +475,8 @@ def _loop(job: Job, st: State, say, on_epoch_end, quiet: bool, max_steps: int) -
         distributed.average_buffers(job.ctx, st.model, st.ema.model if st.ema is not None else None)
         if job.ctx.is_main:
             try:
-                stop = _end_epoch(job, st, train_row, t_epoch, say, on_epoch_end) or stop
+                final = stop or st.epoch >= max_epochs or job.budget.spent()
+                stop = _end_epoch(job, st, train_row, t_epoch, say, on_epoch_end, final) or stop
             except BaseException:
                 distributed.agree(job.ctx, FAILED)  # the other processes stop too, instead of waiting for us
                 raise
@@ -479,12 +486,36 @@ def _loop(job: Job, st: State, say, on_epoch_end, quiet: bool, max_steps: int) -
         if decision == FAILED:
             raise RuntimeError("the main process (rank 0) failed at the end of this epoch; its error says why")
         stop = bool(decision)
+    if job.ctx.is_main and st.epoch and st.best["epoch"] != st.epoch and cfg.select == "last":
+        _keep_last(job, st, say)
 
 
-def _end_epoch(job: Job, st: State, train_row: dict, t_epoch: float, say, on_epoch_end) -> bool:
-    """Validate, log and write the epoch (main process); return whether early stopping or the caller stops."""
+def _keep_last(job: Job, st: State, say) -> None:
+    """Validate and keep the final epoch after all, when the loop stopped after an epoch it did not know was the
+    last (the caller stopped it, or the epoch's writes used up the budget)."""
+    last = st.history.pop()
+    row, _ = validate_and_keep(job, st, last, time.monotonic() - last["seconds"])
+    st.history.append({**row, "elapsed": last["elapsed"]})
+    say(_epoch_line(job.cfg, st.history[-1], True))
+    _write_history(job.out / HISTORY, st.history)
+    save_resume(job.out, st, job.budget.elapsed())
+
+
+def _end_epoch(job: Job, st: State, train_row: dict, t_epoch: float, say, on_epoch_end, final: bool) -> bool:
+    """Validate, log and write the epoch (main process); return whether early stopping or the caller stops.
+    With ``select`` last only the ``final`` epoch is validated (and kept): a pass over the validation split
+    after the others would change nothing that is kept, and on a clock it costs training time."""
     cfg, stop = job.cfg, False
-    row, improved = validate_and_keep(job, st, train_row, t_epoch)
+    if cfg.select == "last" and not final:
+        row, improved = {"epoch": st.epoch, "step": st.step, "train_loss": train_row["train_loss"],
+                         "train_acc": train_row["train_acc"], "val_loss": None, "val_acc": None,
+                         "lr": train_row["lr"], "seconds": time.monotonic() - t_epoch,
+                         "elapsed": job.budget.elapsed()}, False
+        if not math.isfinite(row["train_loss"]):
+            raise TrainingDiverged(f"training diverged at epoch {st.epoch}: training loss {row['train_loss']:.4g}; "
+                                   "try a lower --lr")
+    else:
+        row, improved = validate_and_keep(job, st, train_row, t_epoch)
     st.history.append(row)
     say(_epoch_line(cfg, row, improved))
     _write_history(job.out / HISTORY, st.history)
@@ -499,7 +530,7 @@ def _end_epoch(job: Job, st: State, train_row: dict, t_epoch: float, say, on_epo
 
 def _epoch_line(cfg: TrainConfig, row: dict, improved: bool) -> str:
     val = (f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%" if row["val_acc"] is not None
-           else "no validation set")
+           else "not validated (the last epoch is)" if cfg.select == "last" and cfg.val_size else "no validation set")
     return (f"epoch {row['epoch']:3d}{'' if cfg.time_budget else '/' + str(cfg.epochs)}  train loss "
             f"{row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  {val}  lr {row['lr']:.2e}  "
             f"{row['seconds']:.1f}s{'  *' if improved else ''}")
@@ -512,7 +543,8 @@ def _finish(job: Job, st: State, data, device, say, t_start: float, trust: bool 
     summary = {"run": str(out), "best_epoch": best["epoch"], "epochs": st.epoch, "train_seconds": train_seconds,
                "wall_seconds": time.monotonic() - t_start, "world_size": job.ctx.world_size,
                "best": st.history[best["epoch"] - 1] if best["epoch"] else None}
-    kept = f"{cfg.select} {best['value']:.4f}" if best["value"] is not None else "no validation set"
+    kept = (f"{'the last, val_acc' if cfg.select == 'last' else cfg.select} {best['value']:.4f}"
+            if best["value"] is not None else "no validation set")
     say(f"kept epoch {best['epoch']} ({kept}); training took {train_seconds:.1f} s; model in {out / WEIGHTS}")
     if not job.ctx.is_main:
         return summary
@@ -521,9 +553,13 @@ def _finish(job: Job, st: State, data, device, say, t_start: float, trust: bool 
         return summary
     from fmnist.fit.trust.fit import describe, fit_trust
 
-    summary["trust"] = fit_trust(out, data, device=device)
+    t_trust = time.monotonic()
+    summary["trust"] = fit_trust(out, data, device=device, val_outputs=st.val_outputs)
+    # what the budget kept for the fit against what it took, for the log (the reserve is a prediction)
+    summary["trust_seconds"] = [time.monotonic() - t_trust, job.budget.reserve(job.budget.validation_cost())]
     summary["wall_seconds"] = time.monotonic() - t_start  # everything, the calibration/OOD fit included
-    say(describe(summary["trust"]))
+    say(describe(summary["trust"]) + f" ({summary['trust_seconds'][0]:.1f} s; {summary['trust_seconds'][1]:.1f} s "
+        "were kept for it)" if cfg.time_budget else describe(summary["trust"]))
     write_json(out / SUMMARY, summary)
     _link_latest(out)
     return summary

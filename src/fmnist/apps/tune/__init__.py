@@ -89,6 +89,7 @@ def settings_from_args(args):
     if not STUDY_NAME.match(study):
         raise InputError(f"--study {study!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
     metric = args.metric or space.fixed.get("select") or PRESETS[space.preset].get("select", TrainConfig.select)
+    metric = "val_acc" if metric == "last" else metric  # trials validate every epoch: the pruner reads them
     n_trials = args.n_trials or DEFAULT_TRIALS
     if args.sampler == "grid":
         size = len(space.grid())

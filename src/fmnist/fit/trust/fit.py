@@ -41,9 +41,11 @@ FP32_OVER_BF16 = 2.0
 
 
 def cost_seconds(validation_seconds: float, precision: str = "fp32") -> float:
-    """Predicted seconds of :func:`fit_trust`, given what one validation pass costs in ``precision``."""
-    per_pass = validation_seconds * (FP32_OVER_BF16 if precision in ("bf16", "fp16") else 1.0)
-    return COST_FIXED_SECONDS + COST_PER_VALIDATION * per_pass
+    """Predicted seconds of :func:`fit_trust`, given what one validation pass costs in ``precision``. In fp32 the
+    training run hands the fit its last validation outputs (``val_outputs``): one pass fewer."""
+    if precision in ("bf16", "fp16"):
+        return COST_FIXED_SECONDS + COST_PER_VALIDATION * validation_seconds * FP32_OVER_BF16
+    return COST_FIXED_SECONDS + (COST_PER_VALIDATION - 1) * validation_seconds
 
 
 def stratified_sample(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
@@ -70,9 +72,11 @@ def run_outputs(run: Run, backend, images: torch.Tensor):
 
 
 def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS,
-              fit_size: int = FIT_SIZE, device=None, seed: int = 0, coverage: float = DEFAULT_COVERAGE) -> dict:
+              fit_size: int = FIT_SIZE, device=None, seed: int = 0, coverage: float = DEFAULT_COVERAGE,
+              val_outputs: tuple | None = None) -> dict:
     """Fit temperature, OOD detector and candidate sets (``coverage``) for the model in ``run_dir`` on its own
-    split; return a summary."""
+    split; return a summary. ``val_outputs``: the (features, logits) tensors of this model on the validation
+    split, computed as served (the training run's last validation in fp32), instead of computing them again."""
     import torch
 
     from fmnist.fit.trust.calibration import calibrate
@@ -89,7 +93,10 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
     if torch.bincount(tr_labels, minlength=num_classes).min() < 3:
         return {"skipped": "fewer than 3 training images of some class (--subset too small)"}
     tr_feats, tr_logits, tr_pix = run_outputs(run, backend, data.train_images[train_idx])
-    va_feats, va_logits, va_pix = run_outputs(run, backend, data.train_images[val_idx])
+    if val_outputs is not None and len(val_outputs[1]) == len(val_idx):
+        (va_feats, va_logits), va_pix = val_outputs, pixels01(data.train_images[val_idx])
+    else:
+        va_feats, va_logits, va_pix = run_outputs(run, backend, data.train_images[val_idx])
     outliers = None
     if "outlier" in parts:
         # as many as the training images of the fit (at most COUNT): a quick run on a subset fits quickly
