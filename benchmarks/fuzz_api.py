@@ -44,12 +44,22 @@ def _fuzz_operation(operation, examples: int, seed: int) -> tuple[int, list[str]
     @given(case=operation.as_strategy())
     def check(case):
         response = case.call(headers={"host": "localhost"})
+        _keep_denormals()
         statuses[response.status_code] += 1
         if response.status_code >= 500:
             failures.append(f"{response.status_code} {case.method} {case.path}: {response.text[:200]}")
 
+    _keep_denormals()
     check()
     return sum(statuses.values()), failures, dict(sorted(statuses.items()))
+
+
+def _keep_denormals() -> None:
+    """The server flushes denormal floats to zero in PyTorch (a process-wide CPU flag), and Hypothesis refuses
+    to generate floats under it: the server and the generator share this process, so it is turned off again."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(False)
 
 
 def main() -> int:

@@ -24,3 +24,42 @@ def test_no_generated_request_gets_a_server_error(tmp_path):
     for op, (cases, failures, _) in results.items():
         assert not failures, (op, failures)
         assert op.startswith("GET") or cases >= 150, (op, cases)
+
+
+def _png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = np.zeros((28, 28), np.uint8)
+    img[6:22, 9:19] = 220
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_answers_are_what_the_openapi_document_says(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from fmnist.apps.serve.app import Prediction, create_app
+
+    run = shutil.copytree(ROOT / "tests" / "fixtures" / "run-v1", tmp_path / "run")
+    with TestClient(create_app(run), base_url="http://localhost") as client:
+        doc = client.get("/openapi.json").json()
+        for path, schema in (("/api/predict", {"$ref": "#/components/schemas/Prediction"}),
+                             ("/api/predict/batch", {"type": "array", "items": {
+                                 "$ref": "#/components/schemas/Prediction"}})):
+            got = doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+            assert {k: v for k, v in got.items() if k != "title"} == schema
+        fields = set(doc["components"]["schemas"]["Prediction"]["properties"])
+        assert fields == set(Prediction.model_fields) >= {"ood_score", "input_png", "verdict", "candidates"}
+        r = client.post("/api/predict", files={"file": ("x.png", _png(), "image/png")})
+        assert r.status_code == 200 and set(r.json()) == fields
+        Prediction.model_validate(r.json())
+
+        predictor = client.app.state.predictor
+        real = predictor._result
+        monkeypatch.setattr(predictor, "_result", lambda *a: {**real(*a), "verdict": "maybe"})
+        r = client.post("/api/predict", files={"file": ("x.png", _png(), "image/png")})
+        assert r.status_code == 500 and r.json() == {"detail": "internal server error"}  # never sent as is

@@ -16,7 +16,7 @@ import json
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, FastAPI, File, Request, UploadFile
@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -56,29 +56,45 @@ PAGE_HEADERS = {
 }
 
 
-# --- response schemas (for the OpenAPI page; responses are not re-validated, to keep requests cheap) ------
+# --- response schemas: the OpenAPI document's, and checked on every answer (_answer) ---------------------------
 
 class TopK(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     label: str
-    score: float
+    score: float | None = Field(description="calibrated probability; null only if the model's scores are not "
+                                            "finite (reason invalid_scores)")
 
 
 class Prediction(BaseModel):
-    model_config = ConfigDict(extra="allow")  # later keys (e.g. "ood_score") pass through
+    model_config = ConfigDict(extra="allow")  # keys a later fmnist adds pass through, as the document says
     label: str = Field(description="the best guess, whatever the verdict")
     class_id: int
-    score: float = Field(description="calibrated probability of the best guess")
+    score: float | None = Field(description="calibrated probability of the best guess; null only if the model's "
+                                            "scores are not finite (reason invalid_scores)")
     accepted: bool = Field(description="true for a confident single answer (verdict 'answer')")
-    reason: str | None = Field(description="why there is no single answer: blank, out_of_distribution, "
-                                           "invalid_scores or low_confidence; null when answered")
-    verdict: str = Field(description="'answer' (one confident label), 'uncertain' (below the confidence "
-                                     "threshold: see candidates) or 'refused' (blank, or not a garment)")
+    reason: Literal["blank", "out_of_distribution", "invalid_scores", "low_confidence"] | None = Field(
+        description="why there is no single answer; null when answered")
+    verdict: Literal["answer", "uncertain", "refused"] = Field(
+        description="'answer' (one confident label), 'uncertain' (below the confidence threshold: see "
+                    "candidates) or 'refused' (blank, or not a garment)")
     candidates: list[TopK] | None = Field(
         description="the labels the garment could be (a conformal candidate set), most likely first, with "
                     "their scores: two or three when uncertain, usually the answer alone when answered; null "
                     "for refusals and for runs fitted before candidate sets existed")
+    ood_score: float | None = Field(description="the OOD detector's score (above the threshold GET /api/model "
+                                                "shows: not a garment); null for a run without a detector")
     top_k: list[TopK]
-    input_png: str
+    input_png: str = Field(description="the 28x28 image the model saw, a base64 PNG")
+
+
+PREDICTIONS = TypeAdapter(list[Prediction])
+
+
+def _answer(results: list[dict]) -> list[dict]:
+    """``results``, once they are what the OpenAPI document says (:class:`Prediction`): an answer that is not
+    is a fault of the server (500, logged), never sent."""
+    PREDICTIONS.validate_python(results)
+    return results
 
 
 class Error(BaseModel):
@@ -276,7 +292,7 @@ IMAGE_FIELD = "an image: PNG, JPEG, BMP, GIF, WebP or TIFF (first frame of anima
 def _predict_router() -> APIRouter:
     router = APIRouter(prefix="/api", route_class=_PredictRoute, tags=["predict"])
 
-    @router.post("/predict", response_model=None, responses={200: {"model": Prediction}, **ERRORS},
+    @router.post("/predict", response_model=Prediction, responses=ERRORS,
                  summary="Classify one image")
     async def predict(request: Request, file: Annotated[UploadFile, File(description=IMAGE_FIELD)]) -> Response:
         """The best guess (`label`, `score`), whether it is `accepted` and, if not, the `reason`; the top
@@ -286,9 +302,9 @@ def _predict_router() -> APIRouter:
             raise HTTPException(400, f"{count} 'file' fields: /api/predict classifies one image; send several "
                                      "to /api/predict/batch")
         results = await _classify(request, [file])
-        return _json(results[0])
+        return _json(_answer(results)[0])
 
-    @router.post("/predict/batch", response_model=None, responses={200: {"model": list[Prediction]}, **ERRORS},
+    @router.post("/predict/batch", response_model=list[Prediction], responses=ERRORS,
                  summary="Classify several images")
     async def predict_batch(request: Request,
                             file: Annotated[list[UploadFile], File(description=IMAGE_FIELD + "; repeat the "
@@ -299,7 +315,7 @@ def _predict_router() -> APIRouter:
         limit = request.app.state.settings.max_batch
         if len(file) > limit:
             raise HTTPException(413, f"too many images: {len(file)} (the limit is {limit} per request)")
-        return _json(await _classify(request, file))
+        return _json(_answer(await _classify(request, file)))
 
     return router
 
