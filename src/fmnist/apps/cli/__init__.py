@@ -33,9 +33,23 @@ EPILOG = """exit status: 0 done; 2 bad input (a run folder, data file, flag or v
 --debug shows the traceback of bad-input errors too."""
 
 
+def version() -> str:
+    """The installed package's version (a checkout that was never installed: the source's)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("fmnist")
+    except PackageNotFoundError:
+        import fmnist
+
+        return getattr(fmnist, "__version__", "unknown")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmnist", formatter_class=Formatter, epilog=EPILOG,
                                      description="Train, evaluate, explain and serve Fashion-MNIST classifiers.")
+    parser.add_argument("--version", action="version", version=f"fmnist {version()}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error (default: off)")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in COMMANDS:
@@ -56,8 +70,8 @@ def main(argv=None) -> int:
         if (e.name or "").split(".")[0] != "torch":
             raise
         print(f"fmnist {args.command}: error: this command needs PyTorch, which is not installed here "
-              "(pip install torch==2.13.0; a deployment without it can run `predict` and `serve` on an exported "
-              "run with --backend onnx)", file=sys.stderr)
+              "(pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu, the CPU build; a "
+              "deployment without it can run `predict` and `serve` on an exported run with --backend onnx)", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # Output piped into `head` and the like: stop quietly, as other command-line tools do.

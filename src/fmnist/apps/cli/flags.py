@@ -2,8 +2,28 @@
 the option is one of a recipe's."""
 from __future__ import annotations
 
+import argparse
+import re
+
 from fmnist.core.backends import BACKENDS
 from fmnist.fit.recipes import FIELD_HELP
+
+# The recipe options whose values are a fixed list (fit.recipes.validate checks the same lists).
+CHOICES = {
+    "optimizer": ("sgd", "adam", "adamw"),
+    "schedule": ("onecycle", "cosine", "constant"),
+    "select": ("val_loss", "val_acc", "last"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+}
+DEVICES = ("auto", "cpu", "cuda", "mps", "xpu")
+
+
+def device_name(text: str) -> str:
+    """--device: auto, cpu, or an accelerator with an optional index (cuda, cuda:1)."""
+    if not re.fullmatch(r"(auto|cpu)|(cuda|mps|xpu)(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(DEVICES)}, "
+                                         "or an accelerator with its index, cuda:1)")
+    return text
 
 
 def add_own_data_flags(p) -> None:

@@ -49,7 +49,9 @@ def register(sub, formatter_class) -> None:
 
     p = sub.add_parser("compare", help="a table of runs: model, size, recipe, accuracy, training time",
                        formatter_class=formatter_class)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or study folders of `fmnist tune`")
-    p.add_argument("--html", default="compare.html", metavar="FILE",
-                   help="also write the table as an HTML page here; '' = terminal only")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folders, study folders of `fmnist tune`, or a folder holding either (runs); "
+                        "a link to a run listed already (latest, best) is skipped")
+    p.add_argument("--html", default="", metavar="FILE",
+                   help="also write the table as an HTML page here (default: the terminal only)")
     p.set_defaults(func=cmd_compare)

@@ -8,28 +8,45 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fmnist.apps.cli.flags import CHOICES, device_name
+from fmnist.core.errors import InputError
 from fmnist.core.runfolder import CONFIG
-from fmnist.fit.recipes import DEFAULT_PRESET, FIELD_HELP, PRESETS, TrainConfig
+from fmnist.fit.recipes import AUTO_MODELS, DEFAULT_PRESET, FIELD_HELP, PRESETS, TABLE_KEYS, TrainConfig
+
+MAX_CONFIG_BYTES = 1_000_000  # a config.json or TOML recipe is a few hundred bytes
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-# Help text for each TrainConfig field; the default shown is the default preset's value.
+def presets_table() -> str:
+    """The epilog of `train --help`: what each preset sets, from PRESETS itself (never out of date)."""
+    lines = ["presets (each sets these options; every other option keeps the default shown above):"]
+    width = max(map(len, PRESETS))
+    for name, values in PRESETS.items():
+        sets = " ".join(f"{_flag(k)} {str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
+        lines.append(f"  {name:<{width}}  {sets}")
+    lines.append("  (--model auto / auto-tiny: the epoch table's row for the epochs the budget buys sets "
+                 "--model, --batch-size, --lr and --augment)")
+    return "\n".join(lines)
 
 
 def register(sub, formatter_class) -> None:
     default = dataclasses.asdict(TrainConfig(**PRESETS[DEFAULT_PRESET]))
+    from_table = PRESETS[DEFAULT_PRESET].get("model") in AUTO_MODELS
     p = sub.add_parser("train", help="train a model and write a run folder",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=presets_table(),
                        description="Train a model. With no flags, trains the default preset "
                                    f"({DEFAULT_PRESET!r}). Presets: " + ", ".join(PRESETS) + ".\n"
-                                   "Explicit flags override the preset's values. The fast, default, best and tiny "
-                                   "presets train on a clock (--time-budget);\nan explicit --epochs without "
-                                   "--time-budget trains that many epochs instead.")
+                                   "Explicit flags override the preset's values (and --config's). The fast, default, "
+                                   "best and tiny presets train on a clock (--time-budget);\nan explicit --epochs "
+                                   "without --time-budget trains that many epochs instead.")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help=f"a named recipe; explicit flags override it (default: {DEFAULT_PRESET})")
+                   help=f"a named recipe; explicit flags override it (default: {DEFAULT_PRESET}, or --config's)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a recipe file: a run's config.json (replays that run) or a TOML file of options "
+                        "(same names as the flags, with _ for -); flags given as well override it (default: none)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("preset", "pinned"):
             continue
@@ -47,7 +64,13 @@ def register(sub, formatter_class) -> None:
                                 "so); --no-mirror: never")
             continue
         if "(default" not in help_text:
-            help_text += f" (default: {default[f.name]})"
+            shown = "the epoch table's row" if from_table and f.name in TABLE_KEYS - {"model"} else default[f.name]
+            help_text += f" (default: {shown})"
+        if f.name in CHOICES:
+            p.add_argument(_flag(f.name), dest=f.name, default=None, choices=CHOICES[f.name], help=help_text)
+            continue
+        if f.name == "device":
+            kind = device_name
         p.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
     p.add_argument("--out", default=None, help="run folder; one that holds a run already is refused, unless "
                                                "--overwrite (default: runs/DATE-PRESET-sSEED)")
@@ -69,6 +92,8 @@ def cmd_train(args) -> int:
     from fmnist.fit.sources import load_data
     from fmnist.fit.train import resolve_config, train
 
+    if args.resume and args.config:
+        raise InputError("--resume continues a run with its own config.json: give --resume or --config, not both")
     if args.resume:
         from fmnist.fit.recipes import read_config
 
@@ -79,12 +104,23 @@ def cmd_train(args) -> int:
             train(None, data=data, resume=args.resume, ctx=ctx)
         return 0
     overrides = _overrides(args)
+    preset = args.preset
+    if args.config:
+        from_file = read_config_file(args.config)
+        preset = preset or from_file.pop("preset", None)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "epochs" in from_file and "time_budget" not in from_file and "time_budget" not in given:
+            from_file["time_budget"] = 0  # as on the command line: epochs without a budget replace it
+        overrides = {**overrides, **from_file, **given}
     for k in ("data", "test_data", "class_names"):  # absolute: evaluate and report find the run's data set again
         if overrides.get(k) is not None:
             overrides[k] = str(Path(overrides[k]).expanduser().resolve())
-    cfg = resolve_config(args.preset or DEFAULT_PRESET, **overrides)
+    try:
+        cfg = resolve_config(preset or DEFAULT_PRESET, **overrides)
+    except InputError as e:
+        raise InputError(f"{args.config}: {e}" if args.config else str(e)) from None
     if args.dry_run:  # one epoch, no clock (a model "auto" takes the epoch table's first row)
-        cfg = resolve_config(args.preset or DEFAULT_PRESET, **{**overrides, "epochs": 1, "time_budget": 0})
+        cfg = resolve_config(preset or DEFAULT_PRESET, **{**overrides, "epochs": 1, "time_budget": 0})
     data = load_data(cfg.data, cfg.test_data, cfg.class_names, cfg.data_dir, verify=not args.no_verify)
     if args.dry_run:
         cfg = dataclasses.replace(cfg, subset=min(cfg.subset or 512, 512),
@@ -116,6 +152,55 @@ def _overrides(args) -> dict:
         print(f"fmnist train: note: --epochs {overrides['epochs']} is ignored: --time-budget "
               f"{overrides['time_budget']:g} sizes the schedule", file=sys.stderr)
     return overrides
+
+
+def read_config_file(path) -> dict:
+    """The options of a recipe file (a run's config.json, or TOML): every key a training option, every value of
+    that option's type; anything else is one InputError naming the file and the key."""
+    import json
+    import math
+
+    import tomllib
+
+    from fmnist.fit.recipes import _JSON_TYPES
+
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise InputError(f"--config {path}: no such file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise InputError(f"--config {path}: larger than {MAX_CONFIG_BYTES:,} bytes; a recipe is a short file")
+        text = data.decode("utf-8")
+        values = json.loads(text) if path.suffix == ".json" or text.lstrip().startswith("{") else tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSON and TOML errors are ValueErrors
+        raise InputError(f"--config {path}: not a JSON or TOML recipe ({str(e).splitlines()[0] if str(e) else e})") \
+            from None
+    if not isinstance(values, dict):
+        raise InputError(f"--config {path}: expected a table of options, got {type(values).__name__}")
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name == "pinned":  # bookkeeping of a run's config.json, not an option
+            continue
+        if name not in types:
+            raise InputError(f"--config {path}: unknown option {key!r} (the options are those of "
+                             "`fmnist train --help`, with _ for -)")
+        if name == "preset":
+            if value is not None and value not in PRESETS:
+                raise InputError(f"--config {path}: unknown preset {value!r}; choose one of: {', '.join(PRESETS)}")
+            out[name] = value
+            continue
+        kinds = _JSON_TYPES[types[name]]
+        ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            raise InputError(f"--config {path}: {key} must be {types[name].replace(' | ', ' or ')}, got {value!r}")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise InputError(f"--config {path}: {key} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+        out[name] = value
+    return out
 
 
 def cmd_models(args) -> int:

@@ -9,15 +9,43 @@ from fmnist.core.runfolder import METRICS, MODEL_JSON, SUMMARY, TUNE_TRIAL, read
 
 
 def expand_runs(paths) -> list[Path]:
-    """Run folders, with a study folder of `fmnist tune` standing for its finished trials (never a trial a worker
-    left half-written: only those whose tune_trial.json, written once the study recorded them, says COMPLETE)."""
-    runs = []
+    """Run folders, from run folders, study folders of `fmnist tune` and parent folders of either.
+
+    A study folder stands for its finished trials (never a trial a worker left half-written: only those whose
+    tune_trial.json, written once the study recorded them, says COMPLETE). A parent folder (``runs``) stands for
+    the runs and studies in it. Each run is listed once: a link to a run listed already (``latest``, a study's
+    ``best``, a shell glob that names both) is skipped. A folder that is none of these is passed on as it is, for
+    the error that names it."""
+    found: list[Path] = []
     for p in map(Path, paths):
-        markers = sorted(p.glob(f"trial-*/{TUNE_TRIAL}")) if p.is_dir() and not (p / MODEL_JSON).exists() else []
-        if not markers:
-            runs.append(p)
+        found += _runs_in(p, depth=2) or [p]
+    runs, seen = [], {}
+    for p in found:
+        key = p.resolve()
+        if key in seen:
+            i = seen[key]
+            if runs[i].is_symlink() and not p.is_symlink():
+                runs[i] = p  # name the run by its own folder rather than by a link to it
             continue
-        runs += [m.parent for m in markers if read_json(m).get("state") == "COMPLETE"]
+        seen[key] = len(runs)
+        runs.append(p)
+    return runs
+
+
+def _runs_in(p: Path, depth: int) -> list[Path]:
+    if (p / MODEL_JSON).exists():
+        return [p]
+    if not p.is_dir():
+        return []
+    markers = sorted(p.glob(f"trial-*/{TUNE_TRIAL}"))
+    if markers:
+        return [m.parent for m in markers if read_json(m).get("state") == "COMPLETE"]
+    if depth == 0:
+        return []
+    runs: list[Path] = []
+    for child in sorted(p.iterdir()):
+        if child.is_dir():
+            runs += _runs_in(child, depth - 1)
     return runs
 
 

@@ -21,7 +21,7 @@ SPACE_HELP = " (default: the preset's)"
 
 
 def register(sub, formatter_class) -> None:
-    from fmnist.apps.cli.flags import add_data_flags
+    from fmnist.apps.cli.flags import add_data_flags, device_name
     from fmnist.apps.tune.space import option_types
     from fmnist.fit.recipes import FIELD_HELP, PRESETS
 
@@ -42,7 +42,8 @@ def register(sub, formatter_class) -> None:
     g.add_argument("--study", default=None, help="study name, its folder's name (default: the preset's name)")
     g.add_argument("--out", default="runs/tune", metavar="DIR", help="folder holding the study folders")
     g.add_argument("--storage", default=None, metavar="URL",
-                   help="postgresql://USER:PASSWORD@HOST:PORT/DB to share the study between machines "
+                   help="sqlite:///FILE (one file on this machine, what optuna-dashboard opens) or "
+                        "postgresql://USER:PASSWORD@HOST:PORT/DB to share the study between machines "
                         "(default: a journal file in the study folder, for processes on this machine)")
     g.add_argument("--metric", default=None, choices=("val_acc", "val_loss"),
                    help="what trials are judged by, on the validation split (default: the recipe's --select)")
@@ -61,9 +62,10 @@ def register(sub, formatter_class) -> None:
     g.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes on this machine")
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads per worker (default: physical cores / --workers, at least 1)")
-    g.add_argument("--device", default=None, help="auto, cpu or cuda (default: the preset's)")
+    g.add_argument("--device", default=None, type=device_name,
+                   help="auto, cpu, cuda (or cuda:N): where trials train (default: the preset's)")
     g.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS",
-                   help="PostgreSQL only: a worker silent for 3 heartbeats is dead, its trial run again")
+                   help="SQLite and PostgreSQL: a worker silent for 3 heartbeats is dead, its trial run again")
     add_data_flags(g, threads=False)
     p.set_defaults(func=cmd_tune)
 

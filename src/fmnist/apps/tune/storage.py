@@ -1,9 +1,11 @@
 """The Optuna storage of a study, and the locks its workers share.
 
 By default a journal file in the study folder: safe for several processes on one machine (not on a network file
-system). ``--storage postgresql://...`` uses Optuna's database storage with heartbeats, for workers on several
-machines. Workers claim trials under one lock: ``flock`` on a file in the study folder with the journal, a
-PostgreSQL advisory lock with the database. Both are freed when their holder dies, however it dies.
+system). ``--storage sqlite:///FILE`` keeps the study in one SQLite file on this machine (what optuna-dashboard
+opens); ``--storage postgresql://...`` uses Optuna's database storage for workers on several machines. Both
+databases run with heartbeats. Workers claim trials under one lock: ``flock`` on a file in the study folder with
+the journal or SQLite, a PostgreSQL advisory lock with PostgreSQL. Both are freed when their holder dies, however
+it dies.
 """
 from __future__ import annotations
 
@@ -20,6 +22,11 @@ LOCK_FILE = ".study.lock"
 LOCK_DIR = ".locks"
 MAX_RETRY = 3        # a trial whose workers keep dying is queued again at most this often
 DB_SCHEMES = ("postgresql://", "postgresql+psycopg2://", "postgresql+psycopg://")
+SQLITE = "sqlite:///"
+
+
+def is_sqlite(url: str | None) -> bool:
+    return url is not None and url.startswith(SQLITE)
 
 
 def redact(url: str) -> str:
@@ -57,10 +64,26 @@ def open_storage(s):
 
         (s.study_dir / LOCK_DIR).mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(s.study_dir / JOURNAL)))
-    if not s.storage.startswith(DB_SCHEMES):
-        raise InputError(f"--storage {redact(s.storage)}: give postgresql://USER:PASSWORD@HOST:PORT/DATABASE, "
-                         "or leave it out for a journal file in the study folder")
+    if not s.storage.startswith(DB_SCHEMES) and not is_sqlite(s.storage):
+        raise InputError(f"--storage {redact(s.storage)}: give postgresql://USER:PASSWORD@HOST:PORT/DATABASE "
+                         "or sqlite:///FILE, or leave it out for a journal file in the study folder")
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
+        heartbeat = dict(heartbeat_interval=s.heartbeat, grace_period=3 * s.heartbeat,
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+    if is_sqlite(s.storage):
+        path = Path(s.storage[len(SQLITE):]).expanduser()
+        if not path.parent.is_dir():
+            raise InputError(f"--storage {s.storage}: the folder {path.parent} does not exist")
+        s.study_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(s.study_dir / LOCK_FILE), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(s.storage, engine_kwargs={"connect_args": {"timeout": 60}}, **heartbeat)
+        except Exception as e:
+            raise InputError(f"cannot use --storage {s.storage}: {_first_line(e)}") from None
 
     lock = None
     try:
@@ -71,8 +94,7 @@ def open_storage(s):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
             return RDBStorage(engine_url(s.storage),
                               engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
-                              heartbeat_interval=s.heartbeat, grace_period=3 * s.heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+                              **heartbeat)
     except ImportError:
         raise InputError("--storage postgresql:// needs the PostgreSQL driver: pip install 'fmnist[postgres]'") from None
     except Exception as e:  # SQLAlchemy and the driver raise many kinds; all mean 'cannot use this database'
@@ -157,4 +179,6 @@ class AdvisoryLock:
 
 
 def make_lock(s):
-    return FileLock(s.study_dir / LOCK_FILE) if s.storage is None else AdvisoryLock(s.storage, s.study)
+    if s.storage is None or is_sqlite(s.storage):
+        return FileLock(s.study_dir / LOCK_FILE)
+    return AdvisoryLock(s.storage, s.study)
