@@ -31,6 +31,6 @@ PIP=".venv/bin/python -m pip"
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
     || $PIP install -q "torch==2.13.0"
 extras="serve,report"
-[ "$DEV" = 1 ] && extras="$extras,ood,export,test,tune,postgres"
+[ "$DEV" = 1 ] && extras="$extras,ood,export,test,tune,postgres,tensorboard"
 $PIP install -q -e ".[$extras]"
 echo "setup: ready ($(.venv/bin/python -c 'import torch, fmnist; print("fmnist", fmnist.__version__, "torch", torch.__version__)'))"

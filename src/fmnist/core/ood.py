@@ -2,7 +2,7 @@
 
 Softmax confidence is no guard (a cat photo or uniform noise can get 99 %). The detector scores where an input
 lies relative to the *training* images (higher = stranger). Seven scores are available; the default four were
-picked by measurement (``fmnist ood-eval``, README), the others kept for comparison
+picked by measurement (``fmnist ood-eval``, docs/trust.md), the others kept for comparison
 (``fmnist calibrate RUN --ood-parts ...``):
 
 - ``outlier`` (default): outlier exposure after training. A logistic classifier of the penultimate features,
@@ -31,7 +31,7 @@ shape of its distribution: a part whose genuine tail is long (stats on patterned
 score before it counts, and a part that finds an input rarer than any validation image says so with
 weight. Measured against the earlier rule, the sum of parts standardised by their median and 95th
 percentile: at 97.5 % acceptance the evidence sum refuses 94.5 % instead of 88.7 % of 180-degree turns with
-the same parts (README). Runs fitted with the sum (``"combine": "sum"``) or the maximum (no ``"combine"``)
+the same parts (docs/trust.md). Runs fitted with the sum (``"combine": "sum"``) or the maximum (no ``"combine"``)
 keep their rule, with the threshold set for it. Statistics are fitted on the training split only, the
 p-values and the threshold on validation: the threshold is the validation quantile that accepts
 ``target_accept`` (default 98 %, so that 97.5 % of new genuine images pass) of genuine images. No real

@@ -304,7 +304,7 @@ SETS = {
 }
 # Not used to choose the detector's scores. icons and misc-images were added once the outlier score, its
 # procedural non-garments and the evidence sum were settled, and scored once. Every other set was in view when
-# they were chosen (README, "Out-of-distribution inputs"), so their figures are not blind.
+# they were chosen (CHANGELOG.md, "Out-of-distribution detector: how it was chosen"), so their figures are not blind.
 UNSEEN = ("icons", "misc-images")
 
 

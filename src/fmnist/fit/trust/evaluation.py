@@ -117,7 +117,7 @@ def format_ood_table(report: dict, by_part: bool = False) -> str:
                "of test images are. rejected: at the run's threshold, by the OOD gate alone / for any reason "
                "(blank, out_of_distribution, low_confidence). answer / uncertain (a candidate set) / refused: the "
                "verdicts. shop-photos: test garments re-drawn as product "
-               "photos (should be accepted). * not used to choose the detector's scores (see the README).")]
+               "photos (should be accepted). * not used to choose the detector's scores (see docs/trust.md).")]
     if by_part:
         parts = list(next(iter(report["sets"].values())).get("auroc_by_part", {}))
         lines += ["", "AUROC of each OOD score alone:", f"{'set':<18}" + "".join(f"{p:>13}" for p in parts)]
