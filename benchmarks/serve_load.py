@@ -200,7 +200,7 @@ async def client(host, port, requests, next_index, deadline, timeout, stats):
             if headers.get("connection", "").lower() == "close":
                 writer.close()
                 writer = None
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
             outcome = type(e).__name__
             if writer is not None:
                 writer.close()
@@ -284,7 +284,7 @@ async def repost(host: str, port: int, payloads: list[bytes], stop: asyncio.Even
             writer.write(payloads[i % len(payloads)])
             status, _, _ = await asyncio.wait_for(read_response(reader), 60)
             counts[f"repost HTTP {status}"] += 1
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
             counts[f"repost {type(e).__name__}"] += 1
             await asyncio.sleep(0.05)
         finally:
@@ -311,7 +311,7 @@ async def slow_socket(host: str, port: int, body: bool, stop: asyncio.Event, cou
                     answer = await asyncio.wait_for(reader.read(65536), 1.0)
                     if answer[:12].startswith(b"HTTP/1.1 "):
                         counts[f"slow HTTP {answer[9:12].decode()}"] += 1
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         except (OSError, asyncio.IncompleteReadError, ValueError):
             pass

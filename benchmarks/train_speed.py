@@ -41,6 +41,8 @@ PEER_REQUIREMENT = "tensorflow-cpu==2.21.*"
 
 
 def time_to_target(history_csv: Path, target: float) -> float | None:
+    """Elapsed seconds at the first validated epoch at or above ``target``. A run that validates only its last
+    epoch (``select`` last: the budgeted presets) gives its whole training time: an upper bound."""
     with open(history_csv) as f:
         for row in csv.DictReader(f):
             if row["val_acc"] and float(row["val_acc"]) >= target:

@@ -6,7 +6,7 @@ import torch
 
 from fmnist.fit.models import count_parameters, create_model, describe, model_names
 
-ALL_MODELS = ["seed-a", "seed-b-mlp", "seed-b-cnn", "s2d-24", "s2d-32", "s2d-48", "s2dw-24", "s2dw-32", "air-32",
+ALL_MODELS = ["seed-a", "seed-b-mlp", "seed-b-cnn", "s2d-24", "s2d-32", "s2d-48", "s2dw-24", "s2dw-32", "air-16", "air-32",
               "tiny", "resnet-lite", "resnet9-s",
               "resnet9-m"]
 

@@ -267,7 +267,12 @@ def air_net(widths=(32, 64, 128), num_classes: int = 10) -> nn.Module:
     return Classifier(body, c, num_classes)
 
 
-@register("air-32", "airbench-shaped: whitening stem, 3 blocks without residuals, widths 32/64/128 (GPUs)")
+@register("air-16", "airbench-shaped: whitening stem, 3 blocks without residuals, widths 16/32/64 (< 100k parameters)")
+def air_16(num_classes: int = 10) -> nn.Module:
+    return air_net((16, 32, 64), num_classes)
+
+
+@register("air-32", "airbench-shaped: whitening stem, 3 blocks without residuals, widths 32/64/128")
 def air_32(num_classes: int = 10) -> nn.Module:
     return air_net((32, 64, 128), num_classes)
 

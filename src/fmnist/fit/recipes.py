@@ -140,11 +140,14 @@ DEFAULT_PRESET = "default"
 # final epoch kept. Sources: the s2dw and air rows on a 2-core AMD EPYC Zen 3 (benchmarks/ablation.py, 3 seeds
 # where the docs say so); the resnet9 rows on an NVIDIA H200 (benchmarks/epoch_table.py, bf16). Short schedules
 # want small models and little augmentation; from 10 epochs crops pay, from 20 random erasing.
-EPOCH_TABLE: tuple[tuple[int, dict, float], ...] = (
+EPOCH_TABLE: tuple[tuple[float, dict, float], ...] = (
     (4, dict(model="s2dw-24", batch_size=128, lr=0.2, augment="flip"), 92.67),
     (3, dict(model="s2dw-32", batch_size=128, lr=0.2, augment="flip"), 92.54),
     (8, dict(model="s2dw-32", batch_size=128, lr=0.2, augment="flip"), 93.67),
-    (3, dict(model="air-32", batch_size=128, lr=0.2, augment="flip"), 93.75),
+    (3, dict(model="air-16", batch_size=128, lr=0.2, augment="flip"), 92.98),
+    (1.5, dict(model="air-32", batch_size=128, lr=0.2, augment="flip"), 92.63),
+    (3, dict(model="air-32", batch_size=128, lr=0.2, augment="flip"), 93.65),
+    (10, dict(model="air-32", batch_size=128, lr=0.2, augment="flip"), 94.54),
     (5, dict(model="resnet9-s", batch_size=256, lr=0.2, augment="flip"), 93.56),
     (10, dict(model="resnet9-s", batch_size=256, lr=0.2, augment="flip,crop"), 94.32),
     (10, dict(model="resnet9-m", batch_size=256, lr=0.2, augment="flip,crop"), 94.56),
@@ -154,8 +157,9 @@ EPOCH_TABLE: tuple[tuple[int, dict, float], ...] = (
     (100, dict(model="resnet9-l", batch_size=256, lr=0.2, augment="flip,crop,erase"), 95.69),
 )
 # The same for models under 100,000 parameters (the tiny preset).
-TINY_TABLE: tuple[tuple[int, dict, float], ...] = (
+TINY_TABLE: tuple[tuple[float, dict, float], ...] = (
     (4, dict(model="s2dw-24", batch_size=128, lr=0.2, augment="flip"), 92.67),
+    (3, dict(model="air-16", batch_size=128, lr=0.2, augment="flip"), 92.98),
     (20, dict(model="s2d-24", batch_size=128, lr=0.2, augment="flip,crop"), 93.1),
 )
 AUTO_MODELS = {"auto": EPOCH_TABLE, "auto-tiny": TINY_TABLE}
@@ -163,8 +167,8 @@ TABLE_KEYS = {k for table in AUTO_MODELS.values() for _, row, _ in table for k i
 # What an epoch of each table model costs relative to s2dw-32 (training images/s on a 2-core AVX2 CPU, fp32):
 # models that could not train even half their first row's epochs at this cost are not timed (a probe of a large
 # model costs seconds of a short budget).
-RELATIVE_COST = {"s2dw-24": 0.6, "s2d-24": 0.6, "s2dw-32": 1.0, "air-32": 2.3, "resnet9-s": 3.3, "resnet9-m": 11.0,
-                 "resnet9-l": 40.0}
+RELATIVE_COST = {"s2dw-24": 0.6, "s2d-24": 0.6, "air-16": 0.9, "s2dw-32": 1.0, "air-32": 2.3, "resnet9-s": 3.3,
+                 "resnet9-m": 11.0, "resnet9-l": 40.0}
 
 
 def row_values(recipe: dict, cfg: TrainConfig) -> dict:
