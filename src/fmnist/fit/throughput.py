@@ -20,6 +20,7 @@ from fmnist.fit import runtime
 from fmnist.fit.augment import augment_batch, parse_augment
 from fmnist.fit.models import create_model
 from fmnist.fit.recipes import AUTO_MODELS, TrainConfig, choose_row, make_optimizer, row_values
+from fmnist.fit.trust.fit import cost_seconds
 
 WARMUP_STEPS, TIMED_STEPS = 1, 2  # the first step pays for kernel selection and allocation; then two are timed
 
@@ -77,9 +78,11 @@ def size_recipe(cfg: TrainConfig, device: torch.device, n_train: int, n_val: int
 
     def seconds(recipe: dict) -> tuple[float, float]:
         trial = dataclasses.replace(cfg, **row_values(recipe, cfg))
-        per_epoch, once = epoch_seconds(trial, device, n_train, n_val)
+        per_epoch, validation = epoch_seconds(trial, device, n_train, n_val)
         measured[trial.model] = per_epoch
-        return per_epoch, once
+        # once: the final validation pass, and the trust fit's passes of this model (``reserve`` is its fixed part)
+        precision = runtime.resolve_precision(trial.precision, device, trial.batch_size)
+        return per_epoch, validation + cost_seconds(validation, precision) - cost_seconds(0.0)
 
     i, epochs, accuracy = choose_row(cfg.time_budget - reserve, seconds, table)
     i = int(agree(i))
