@@ -39,6 +39,7 @@ from fmnist.core.backends import (
     onnx_record,
 )
 from fmnist.core.errors import InputError
+from fmnist.core.progress import Bar
 from fmnist.core.runfolder import EXPORT_REPORT, WEIGHTS, CheckpointError, sha256, write_bytes, write_json
 from fmnist.fit.data import split_indices
 
@@ -298,10 +299,13 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
     y = np.asarray(labels).reshape(-1)
     if len(y) == 0 or len(y) != len(x):
         raise InputError(f"validation needs images and as many labels, got {len(x)} images, {len(y)} labels")
+    bar = Bar(1 + len(files), f"export validation ({len(y):,} images)", unit="model")
+    bar.update(0, on="PyTorch")
     reference = _outputs(TorchBackend(model), x, batch)
     report = {"images": len(y), "tolerance": FP32_TOLERANCE, "files": {},
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for name in files:
+        bar.update(1, on=name)
         backend = OnnxBackend(run / name, meta, threads=threads)  # checksum, load, signature: clear errors
         try:
             onnx.checker.check_model(str(run / name), full_check=True)
@@ -309,6 +313,8 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
             raise CheckpointError(f"{run / name} fails the ONNX checker: {e}") from None
         report["files"][name] = {"checker": "passed", "bytes": (run / name).stat().st_size,
                                  **_compare(reference, _outputs(backend, x, batch), y)}
+    bar.update(1)
+    bar.close()
     fp32 = report["files"].get(FP32)
     if fp32 is not None and INT8 in report["files"]:
         q = report["files"][INT8]

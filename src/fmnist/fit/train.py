@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -122,23 +121,29 @@ class EMA:
 
 
 class Progress:
-    """A one-line live progress bar, only when stderr is a terminal (logs stay clean when redirected)."""
+    """The bar of one epoch, only when stderr is a terminal (logs stay clean when redirected: the epoch's own
+    line says what a bar would): images/s, the epoch's time left and, on a clock, the run's."""
 
     def __init__(self, enabled: bool | None = None):
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.last = 0.0
+        from fmnist.core.progress import interactive
 
-    def update(self, text: str) -> None:
-        now = time.monotonic()
-        if self.enabled and now - self.last > 0.25:
-            sys.stderr.write("\r" + text[:120].ljust(120))
-            sys.stderr.flush()
-            self.last = now
+        self.enabled = interactive() if enabled is None else enabled
+        self.bar = None
+
+    def start(self, epoch: int, epochs: int | None, images: int) -> None:
+        if self.enabled:
+            from fmnist.core.progress import Bar
+
+            self.bar = Bar(images, f"epoch {epoch}" + (f"/{epochs}" if epochs else ""), unit="img", enabled=True)
+
+    def update(self, images: int, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(images, **postfix)
 
     def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 120 + "\r")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -207,6 +212,7 @@ def train_epoch(job: Job, st: State, progress_bar, max_steps: int = 0) -> tuple[
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, stop, lr = 0, False, cfg.lr
+    progress_bar.start(st.epoch + 1, None if budget.seconds else cfg.epochs, n // ctx.world_size)
     for b in range(per_epoch):
         t_step = time.monotonic()
         idx = distributed.share(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size], ctx)
@@ -223,7 +229,8 @@ def train_epoch(job: Job, st: State, progress_bar, max_steps: int = 0) -> tuple[
         correct += (logits.detach().argmax(1) == yb).sum()
         seen += len(yb)
         if progress_bar.enabled:  # loss.item() waits for the device: only when someone watches
-            progress_bar.update(f"epoch {st.epoch + 1} step {b + 1}/{per_epoch} loss {loss.item():.4f} lr {lr:.2e}")
+            left = {"run left": f"{max(budget.seconds - budget.elapsed(), 0):.0f}s"} if budget.seconds else {}
+            progress_bar.update(len(yb), loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", **left)
         if (budget.seconds and distributed.agree(ctx, budget.spent())) or (max_steps and st.step >= max_steps):
             stop = True  # the budget is spent (the schedule has reached 0) or the dry run is done
             break

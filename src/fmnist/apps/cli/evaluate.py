@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from fmnist.apps.cli.flags import add_backend_flag, add_data_flags
+from fmnist.core.progress import Bar
 
 
 def register(sub, formatter_class) -> None:
@@ -118,8 +120,12 @@ def cmd_predict(args) -> int:
                 print(json.dumps(jsonable({"file": name, **result}), allow_nan=False), flush=True)
         pending.clear()
 
+    # many images, their lines going to a file: a bar on the terminal (none between the lines on a terminal)
+    many = len(args.files) > 1 or str(args.files[0]).endswith(("-ubyte", "-ubyte.gz", ".idx", ".idx.gz"))
+    bar = Bar(None, "predict", unit="img", plain=False, enabled=None if many and not sys.stdout.isatty() else False)
     for name, item in _expand_inputs(args.files):
         total += 1
+        bar.update(1)
         try:
             if isinstance(item, BaseException):
                 raise item
@@ -132,6 +138,7 @@ def cmd_predict(args) -> int:
         if len(pending) >= PREDICT_BATCH:
             flush()
     flush()
+    bar.close()
     if args.dry_run:
         print(f"dry run ok: {total - failures} of {total} image(s) readable, {failures} failed")
     return 1 if failures else 0

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import shutil
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 from fmnist.apps.cli.flags import CHOICES, device_name
@@ -80,6 +83,10 @@ def register(sub, formatter_class) -> None:
                        help="replace the run that --out holds: its files (and RUN/report) are removed first; "
                             "without this, a folder holding a run is refused")
     p.add_argument("--no-verify", action="store_true", help="accept IDX files whose checksums are not the official ones")
+    p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="write TensorBoard event files: scalars per epoch, the confusion matrix and reliability "
+                        "diagram at the end (DIR: default RUN/tensorboard; open with tensorboard --logdir DIR; "
+                        "needs the tensorboard extra) (default: off)")
     p.add_argument("--dry-run", action="store_true", help="run two steps on a small slice, write nothing, exit")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("models", help="list architectures and parameter counts", formatter_class=formatter_class)
@@ -100,8 +107,10 @@ def cmd_train(args) -> int:
         saved = read_config(Path(args.resume) / CONFIG)
         data = load_data(saved.data, saved.test_data, saved.class_names, args.data_dir or saved.data_dir,
                          verify=not args.no_verify)
+        tracker = _tracker(args, Path(args.resume))
         with session(saved.device) as ctx:
-            train(None, data=data, resume=args.resume, ctx=ctx)
+            train(None, data=data, resume=args.resume, ctx=ctx, on_epoch_end=tracker)
+        _finish_tracker(tracker, data)
         return 0
     overrides = _overrides(args)
     preset = args.preset
@@ -136,9 +145,33 @@ def cmd_train(args) -> int:
             print(f"dry run ok: {cfg.model}, 2 steps, "
                   + (f"val acc {100 * val:.1f} %" if val is not None else "no validation split") + "; nothing written")
         return 0
+    from fmnist.fit.train import default_out
+
+    out = Path(args.out) if args.out else default_out(cfg)
+    tracker = _tracker(args, out)
     with session(cfg.device) as ctx:
-        train(cfg, out=args.out, data=data, ctx=ctx, overwrite=args.overwrite)
+        train(cfg, out=out, data=data, ctx=ctx, overwrite=args.overwrite, on_epoch_end=tracker)
+    _finish_tracker(tracker, data)
     return 0
+
+
+def _tracker(args, out: Path):
+    """The --tensorboard sink (rank 0 only: the others neither log nor write the run folder)."""
+    import os
+
+    if args.tensorboard is None or os.environ.get("RANK", "0") != "0":
+        return None
+    from fmnist.apps.tracking import TensorBoard
+
+    logdir = Path(args.tensorboard) if args.tensorboard else out / "tensorboard"
+    tracker = TensorBoard(logdir, out)
+    print(f"tensorboard: {logdir} (open with: tensorboard --logdir {logdir})", file=sys.stderr)
+    return tracker
+
+
+def _finish_tracker(tracker, data) -> None:
+    if tracker is not None:
+        tracker.finish(data)
 
 
 def _overrides(args) -> dict:
@@ -157,11 +190,6 @@ def _overrides(args) -> dict:
 def read_config_file(path) -> dict:
     """The options of a recipe file (a run's config.json, or TOML): every key a training option, every value of
     that option's type; anything else is one InputError naming the file and the key."""
-    import json
-    import math
-
-    import tomllib
-
     from fmnist.fit.recipes import _JSON_TYPES
 
     path = Path(path)

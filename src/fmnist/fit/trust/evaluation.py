@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from fmnist.core.conformal import VERDICTS
+from fmnist.core.progress import Bar
 from fmnist.fit.trust import eval_sets
 from fmnist.fit.trust.metrics import auroc, fpr_at_tpr
 
@@ -27,9 +28,12 @@ def evaluate_sets(predictor, data, names, n: int, seed: int) -> tuple[dict, set]
     genuine = score(predictor, list(test))
     genuine["correct"] = genuine["pred"] == data.test_labels.numpy()
     rows, missing = {}, set()
+    bar = Bar(1 + len(names), f"ood-eval ({n:,} images per set)", unit="set")
+    bar.update(0, set="shop-photos")
     shop = eval_sets.shop_photos(test, n, np.random.default_rng([seed, 99]))
     rows["shop-photos"] = row(genuine, score(predictor, shop), predictor, ood=False)
     for name in names:
+        bar.update(1, set=name)
         try:
             images = eval_sets.build(name, n, test, seed=seed)
         except eval_sets.MissingExtra as e:
@@ -39,6 +43,8 @@ def evaluate_sets(predictor, data, names, n: int, seed: int) -> tuple[dict, set]
         rows[name] = row(genuine, scored, predictor, ood=True)
         if name == "animal":  # its first image is the whole cat photo: the "bear" check
             rows[name]["whole_photo"] = {"reason": scored["reasons"][0], "ood_score": float(scored["ood"][0])}
+    bar.update(1)
+    bar.close()
     return report(predictor, genuine, rows, data.test_labels.numpy()), missing
 
 
