@@ -12,6 +12,7 @@ pytest.importorskip("onnxscript")
 
 from fmnist.apps.cli import main  # noqa: E402
 from fmnist.core.predict import Predictor  # noqa: E402
+from fmnist.core.runfolder import record_complete  # noqa: E402
 from fmnist.fit.checkpoint import CheckpointError  # noqa: E402
 from fmnist.fit.evaluate import evaluate_run  # noqa: E402
 from fmnist.fit.export import export_onnx  # noqa: E402
@@ -81,6 +82,9 @@ def test_new_weights_remove_the_exported_files(exported, tmp_path):
     run = shutil.copytree(exported, tmp_path / "run")
     save_model(run, Run.load(run).model(), {k: v for k, v in Run.load(run).meta.items() if k != "onnx"})
     assert not (run / "model.onnx").exists() and not (run / "model.int8.onnx").exists()
+    with pytest.raises(CheckpointError, match="not a complete run"):  # new weights: not served before their trust fit
+        Predictor.from_run(run, backend="auto")
+    record_complete(run)  # (the same trust layer: the weights are the same)
     assert Predictor.from_run(run, backend="auto").backend.name == "torch"
 
 

@@ -25,7 +25,7 @@ from fmnist.fit.models import create_model
 
 def load_model(path):
     """The weights and model.json of a run folder, through the one loader (:class:`fmnist.core.run.Run`)."""
-    run = Run.load(path)
+    run = Run.load(path, complete=False)  # the files themselves: a run without its trust fit
     return run.model(), run.meta
 
 

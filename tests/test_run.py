@@ -106,7 +106,9 @@ def test_a_missing_detector_file_is_an_error_when_model_json_describes_one(v1):
     with pytest.raises(CheckpointError, match="ood.safetensors not found"):
         Run.load(v1)
     _tamper(v1, lambda m: {k: v for k, v in m.items() if k != "ood"})
-    assert Run.load(v1).detector is None  # a run that says it has none
+    assert Run.load(v1, complete=False).detector is None  # a run that says it has none...
+    with pytest.raises(CheckpointError, match="fmnist calibrate"):  # ...is not served without its trust layer
+        Run.load(v1)
 
 
 def test_non_finite_detector_statistics_are_refused(v1):

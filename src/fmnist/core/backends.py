@@ -239,6 +239,14 @@ def _graph_problems(graph) -> list[str]:
             problems.append(f"operator {node.op_type} (node {node.name!r}) is not allowed")
         elif any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute):
             problems.append(f"node {node.name!r} holds a subgraph")
+    # A tensor kept in an external file would be read from wherever ONNX Runtime looks (the working folder),
+    # outside the run folder and its checksum: fmnist export writes every weight inside the graph.
+    tensors = [*graph.initializer, *(a.t for n in graph.node for a in n.attribute if a.type == a.TENSOR),
+               *(s.values for s in graph.sparse_initializer)]
+    for tensor in tensors:
+        if tensor.data_location == tensor.EXTERNAL or tensor.external_data:
+            problems.append(f"tensor {tensor.name!r} refers to external data (a file outside the graph); an "
+                            "fmnist export holds every weight inside model.onnx")
     for init in graph.initializer:
         if math.prod(init.dims) > MAX_FIXED_VALUES:
             problems.append(f"initializer {init.name!r} of shape {list(init.dims)} is too large")

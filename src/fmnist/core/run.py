@@ -33,13 +33,18 @@ from fmnist.core.runfolder import (  # noqa: F401 (RUN_FILES, RUN_MARKERS, REPOR
     RUN_MARKERS,
     WEIGHTS,
     CheckpointError,
+    check_complete,
+    is_complete,
     is_present,
     read_json,
+    record_complete,
     write_json,
 )
 
 MODEL_FORMAT = "fmnist-model/1"
-SCHEMA_VERSION = 2  # 1: before this field existed (same layout); 2: adds schema_version itself
+# 1: before this field existed (same layout); 2: adds schema_version itself; 3: a run is complete only with its
+# manifest.json (core.runfolder.check_complete; runs of schema 1 and 2 without one are complete with their trust layer)
+SCHEMA_VERSION = 3
 
 
 def _finite(value, what: str, path: Path, low: float = -math.inf, high: float = math.inf,
@@ -99,8 +104,10 @@ class Run:
     # --- loading -------------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path, detector: bool = True) -> Run:
-        """Read and check ``path``; ``detector=False`` skips loading the OOD detector (the trust fit refits it)."""
+    def load(cls, path, detector: bool = True, complete: bool = True) -> Run:
+        """Read and check ``path``; ``detector=False`` skips loading the OOD detector (the trust fit refits it);
+        ``complete=False`` loads a run whose writing did not finish (the commands that finish it), which is
+        otherwise refused with how to finish it (:func:`fmnist.core.runfolder.check_complete`)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path} is not a folder ({'not found' if not path.exists() else 'a file'}): "
@@ -117,6 +124,8 @@ class Run:
             raise CheckpointError(f"{path / WEIGHTS} not found: is {path} a finished run?")
         if detector:
             run.detector = Detector.load(path, run.meta)
+        if complete:
+            check_complete(path, run.meta)
         return run
 
     def model(self, device="cpu"):
@@ -163,12 +172,16 @@ class Run:
     # --- writing ---------------------------------------------------------------------------------------------
 
     def update(self, **sections) -> None:
-        """Replace top-level sections of ``model.json`` (e.g. calibration, ood), re-read right before writing."""
+        """Replace top-level sections of ``model.json`` (e.g. calibration, ood), re-read right before writing. A
+        complete run stays complete: its manifest is written again after model.json."""
         meta = read_json(self.path / MODEL_JSON)
+        was_complete = is_complete(self.path, meta)
         meta.update(sections)
         meta["schema_version"] = SCHEMA_VERSION
         self._read(meta)  # what is written is checked like what is loaded, and the fields follow it
         write_json(self.path / MODEL_JSON, meta)
+        if was_complete:
+            record_complete(self.path)
 
 
 #: The ``dataset`` section of a run that has none (trained before runs recorded their data set).
@@ -234,6 +247,19 @@ def check_new_run_folder(path, overwrite: bool = False) -> None:
     if found and not overwrite:
         raise CheckpointError(f"{path} holds a run already ({', '.join(found)}): continue it with --resume "
                               f"{path}, replace it with --overwrite, or choose another output folder")
+    if found:  # --overwrite: refuse now what remove_run could not finish, before anything is removed
+        blocked = [f"{name} is a folder" for name in RUN_FILES if (path / name).is_dir()
+                   and not (path / name).is_symlink()]
+        report = path / REPORT_DIR
+        if report.is_symlink() or (is_present(report) and not report.is_dir()):
+            blocked.append(f"{REPORT_DIR} is {'a symbolic link' if report.is_symlink() else 'not a folder'}")
+        import os
+
+        if not os.access(path, os.W_OK | os.X_OK):
+            blocked.append("the folder is not writable")
+        if blocked:
+            raise CheckpointError(f"{path}: cannot replace the run there ({'; '.join(blocked)}); nothing was "
+                                  "removed: move it away, or choose another output folder")
 
 
 def remove_run(path) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from fmnist.core.errors import CheckpointError  # noqa: F401 (re-exported)
 
-# Every file of a run folder, in the order `train --overwrite` removes them (model.json first, so that a
-# half-removed run never loads), with what it holds and what writes it. Other files in the folder are kept.
+# Every file of a run folder, in the order `train --overwrite` removes them (the manifest and model.json first,
+# so that a half-removed run never loads), with what it holds and what writes it. Other files in the folder are kept.
+MANIFEST = "manifest.json"  # the servable files of a complete run, checksummed; written last (see check_complete)
 MODEL_JSON = "model.json"  # what the weights are: architecture, preprocessing, trust sections (core.run)
 WEIGHTS = "model.safetensors"  # the kept epoch's weights (fit.checkpoint.save_model)
 CONFIG = "config.json"  # the training recipe, a TrainConfig (fit.train)
@@ -33,12 +34,19 @@ ONNX_INT8 = "model.int8.onnx"  # fmnist export --int8
 EXPORT_REPORT = "export.json"  # ONNX Runtime against PyTorch (fmnist export)
 OOD_REPORT = "ood_eval.json"  # fmnist ood-eval
 TUNE_TRIAL = "tune_trial.json"  # a tune trial's outcome, written once the study recorded it
-RUN_FILES = (MODEL_JSON, WEIGHTS, CONFIG, LAST, HISTORY, TRAIN_LOG, DETECTOR, ENV, SUMMARY, METRICS, ONNX_FP32,
+RUN_FILES = (MANIFEST, MODEL_JSON, WEIGHTS, CONFIG, LAST, HISTORY, TRAIN_LOG, DETECTOR, ENV, SUMMARY, METRICS, ONNX_FP32,
              ONNX_INT8, EXPORT_REPORT, OOD_REPORT, TUNE_TRIAL)
 # Files that show a folder holds a run: `fmnist train --out` refuses to mix a new run into it.
 RUN_MARKERS = (MODEL_JSON, WEIGHTS, CONFIG, LAST, HISTORY, TRAIN_LOG)
 ONNX_FILES = (ONNX_FP32, ONNX_INT8)  # exports of the weights: removed whenever the weights are rewritten
 REPORT_DIR = "report"  # `fmnist report`'s default output folder, inside the run
+# The files a server reads besides model.json: what the manifest records (those present when it was written).
+# model.json is checked field by field at load (and may be edited, e.g. its thresholds); each command writes it
+# after these files, so an interrupted write always leaves one of them out of step with the manifest.
+SERVABLE = (WEIGHTS, DETECTOR, ONNX_FP32, ONNX_INT8)
+MANIFEST_FORMAT = "fmnist-manifest/1"
+# model.json's schema from which a run is complete only with a manifest (core.run.SCHEMA_VERSION).
+MANIFEST_SCHEMA = 3
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -218,3 +226,123 @@ def load_safetensors(path, load, data: bytes | None = None) -> dict:
         return load(data)
     except Exception as e:  # safetensors raises several types for corrupt headers/data
         raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+# --- complete runs -----------------------------------------------------------------------------------------------
+#
+# A run is complete when manifest.json lists each servable file present (name, size, SHA-256) and every one
+# matches. Each command that changes servable files (train's weights and trust fit, calibrate, export) removes
+# the manifest or leaves it stale before its first write and writes it again as its very last step, so a run
+# interrupted anywhere (SIGKILL, a full disk) is either the complete run it was or refused by check_complete.
+# A folder written before manifests existed (model.json schema_version 1 or 2, no manifest) is complete when
+# model.json holds its trust layer (calibration and ood sections): fmnist then wrote them last.
+
+
+class IncompleteRun(CheckpointError):
+    """A run folder whose writing did not finish, with how to finish it."""
+
+
+def _digest(path: Path) -> dict:
+    data = read_run_file(path)
+    return {"bytes": len(data), "sha256": sha256(data)}
+
+
+def record_complete(run_dir, trust: bool | None = None) -> None:
+    """Write manifest.json for the servable files in ``run_dir`` as they are now: the last write of a command
+    that makes a run complete. ``trust``: whether the run has its trust layer (False: trained without it, on
+    purpose); None keeps what the manifest there says (True without one)."""
+    run_dir = Path(run_dir)
+    if trust is None:
+        old = read_json(run_dir / MANIFEST) if is_present(run_dir / MANIFEST) else {}
+        trust = not (isinstance(old, dict) and old.get("trust") is False)
+    files = {name: _digest(run_dir / name) for name in SERVABLE if is_present(run_dir / name)}
+    write_json(run_dir / MANIFEST, {"format": MANIFEST_FORMAT, "trust": trust, "files": files})
+
+
+def withdraw_complete(run_dir) -> None:
+    """Remove manifest.json, before a command's first write to files it cannot write all at once."""
+    try:
+        (Path(run_dir) / MANIFEST).unlink(missing_ok=True)
+    except OSError as e:
+        raise _write_error(Path(run_dir) / MANIFEST, e) from e
+
+
+def _hint(run_dir: Path, names) -> str:
+    if set(names) & set(ONNX_FILES):
+        return f"export it again: fmnist export {run_dir}"
+    if WEIGHTS in names:
+        return f"the weights changed after the run was written: train it again (fmnist train --overwrite --out {run_dir})"
+    return f"fit its trust layer again: fmnist calibrate {run_dir}"
+
+
+def check_complete(run_dir, meta: dict, ignore: tuple = ()) -> None:
+    """Refuse (one IncompleteRun line that says how to finish it) a run folder whose writing did not finish:
+    see the rule above. ``meta``: its model.json, read already; ``ignore``: servable files not compared (a
+    command about to rewrite them)."""
+    run_dir = Path(run_dir)
+    where = run_dir / MANIFEST
+    if not is_present(where):
+        version = meta.get("schema_version", 1)
+        if isinstance(version, int) and version < MANIFEST_SCHEMA:
+            if meta.get("calibration") and meta.get("ood"):
+                return
+            raise IncompleteRun(f"{run_dir} has no calibration or OOD detector (its trust fit did not finish): "
+                                f"fit them with `fmnist calibrate {run_dir}` before serving it")
+        raise IncompleteRun(f"{run_dir} is not a complete run ({MANIFEST} is missing: its training or trust fit "
+                            f"did not finish): finish it with `fmnist train --resume {run_dir}`, or with "
+                            f"`fmnist calibrate {run_dir}` if its training finished")
+    manifest = read_json(where)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict)
+            or not all(isinstance(f, dict) and name in SERVABLE for name, f in files.items())):
+        raise CheckpointError(f"{where} is not a manifest fmnist wrote: {_hint(run_dir, ())}")
+    problems = {}
+    for name in SERVABLE:
+        if name in ignore:
+            continue
+        present, listed = is_present(run_dir / name), files.get(name)
+        if listed is None:
+            if present:
+                problems[name] = "is not in the manifest"
+        elif not present:
+            problems[name] = "is listed in the manifest but missing"
+        elif _digest(run_dir / name) != {"bytes": listed.get("bytes"), "sha256": listed.get("sha256")}:
+            problems[name] = "does not match its checksum in the manifest"
+    if problems:
+        name, what = next(iter(problems.items()))
+        more = f" (and {', '.join(n for n in problems if n != name)})" if len(problems) > 1 else ""
+        raise IncompleteRun(f"{run_dir} is not a complete run: {name} {what}{more}, a write that did not "
+                            f"finish: {_hint(run_dir, problems)}")
+    if manifest.get("trust", True) is not False and not (meta.get("calibration") and meta.get("ood")):
+        raise IncompleteRun(f"{run_dir} has no calibration or OOD detector: fit them with "
+                            f"`fmnist calibrate {run_dir}` before serving it")
+
+
+def is_complete(run_dir, meta: dict) -> bool:
+    try:
+        check_complete(run_dir, meta)
+    except CheckpointError:
+        return False
+    return True
+
+
+def write_files(run_dir, blobs: dict[str, bytes]) -> None:
+    """Write several files of ``run_dir`` as one step as far as a full disk goes: each to a temporary file first,
+    then all renamed into place; a failed write leaves every previous file as it was."""
+    run_dir = Path(run_dir)
+    tmps, name = {}, next(iter(blobs), "")
+    try:
+        for name, data in blobs.items():
+            fd, tmps[name] = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmps[name], 0o666 & ~_UMASK)
+        for done, tmp in tmps.items():
+            os.replace(tmp, run_dir / done)
+    except BaseException as e:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _write_error(run_dir / name, e) from e
+        raise

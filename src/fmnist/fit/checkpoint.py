@@ -22,6 +22,7 @@ from fmnist.core.runfolder import (  # noqa: F401 (read_json re-exported)
     _atomic,
     load_safetensors,
     read_json,
+    withdraw_complete,
     write_json,
 )
 from fmnist.fit.models import count_parameters
@@ -53,8 +54,10 @@ def load_state(path) -> dict:
 
 
 def save_model(run_dir, model, meta: dict) -> None:
-    """Write model.safetensors then model.json (the JSON names the architecture and preprocessing)."""
+    """Write model.safetensors then model.json (the JSON names the architecture and preprocessing). The run is
+    then incomplete (no manifest) until its trust fit is recorded (:func:`fmnist.core.runfolder.record_complete`)."""
     run_dir = Path(run_dir)
+    withdraw_complete(run_dir)
     save_tensors(run_dir / WEIGHTS, model.state_dict(), metadata={"format": MODEL_FORMAT})
     # ONNX files exported from earlier weights would answer for a model that no longer exists (model.json,
     # rewritten below, no longer describes them): a run folder never holds them past its weights.

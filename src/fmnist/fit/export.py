@@ -40,7 +40,20 @@ from fmnist.core.backends import (
 )
 from fmnist.core.errors import InputError
 from fmnist.core.progress import Bar
-from fmnist.core.runfolder import EXPORT_REPORT, WEIGHTS, CheckpointError, sha256, write_bytes, write_json
+from fmnist.core.runfolder import (
+    EXPORT_REPORT,
+    MANIFEST,
+    MODEL_JSON,
+    ONNX_FILES,
+    WEIGHTS,
+    CheckpointError,
+    check_complete,
+    is_present,
+    record_complete,
+    sha256,
+    write_files,
+    write_json,
+)
 from fmnist.fit.data import split_indices
 
 # 18: the oldest opset the dynamo exporter emits natively (older ones go through a lossy version converter);
@@ -65,27 +78,47 @@ def withdraw(run_dir) -> None:
     """Remove a run's exported files and their record (an export that failed its check must not be served)."""
     from fmnist.core.run import Run
 
-    run = Run.load(run_dir, detector=False)
+    run = Run.load(run_dir, detector=False, complete=False)
     run.update(onnx=None)
     for name in (FP32, INT8):
         (run.path / name).unlink(missing_ok=True)
+    record_complete(run.path)
+
+
+def load_exportable(run_dir):
+    """The run to export: complete, or complete but for an export that did not finish (its ONNX files and
+    model.json's record of them). A run written before manifests existed gets one first, so that an export
+    interrupted later is told apart from the run it began with."""
+    from fmnist.core.run import Run
+
+    run = Run.load(run_dir, detector=False, complete=False)
+    check_complete(run.path, run.meta, ignore=(*ONNX_FILES, MODEL_JSON))
+    if not is_present(run.path / MANIFEST):
+        record_complete(run.path)
+    return run
+
+
+def finish(run_dir) -> None:
+    """Record a validated export: the run is complete again with it (its manifest is written last)."""
+    record_complete(run_dir)
 
 
 # --- export ----------------------------------------------------------------------------------------------------
 
 def export_onnx(run_dir, int8: bool = False, opset: int = DEFAULT_OPSET, data=None,
-                calibration_images: int = CALIBRATION_IMAGES) -> dict[str, Path]:
+                calibration_images: int = CALIBRATION_IMAGES, complete: bool = True) -> dict[str, Path]:
     """Write RUN/model.onnx (and with ``int8`` RUN/model.int8.onnx) and record them in model.json.
 
     ``data`` (a :class:`fmnist.fit.data.FashionMNIST`) is needed for ``int8``: its training images, in the run's
     training split, calibrate the quantisation. Everything is built in memory and checked before the first
-    file is written; each file is written atomically, model.json last. Returns {file name: path}.
+    file is written; the ONNX files are written together (a full disk leaves the previous ones), then model.json,
+    then the run's manifest unless ``complete=False`` (the command line records it once the export is
+    validated, :func:`finish`): until then the run is refused, never served with an unrecorded file.
+    Returns {file name: path}.
     """
-    from fmnist.core.run import Run
-
     require("onnx", "onnxscript", *(("onnxruntime",) if int8 else ()))
     check_opset(opset)
-    loaded = Run.load(run_dir, detector=False)
+    loaded = load_exportable(run_dir)
     run, model, meta = loaded.path, loaded.model(), loaded.meta
     if int8 and data is None:
         raise InputError("int8 export needs the training images to calibrate on (data=...)")
@@ -102,7 +135,7 @@ def export_onnx(run_dir, int8: bool = False, opset: int = DEFAULT_OPSET, data=No
     stale = run / INT8 if INT8 not in records and (run / INT8).exists() else None
     for name, blob in blobs.items():
         records[name].update(sha256=sha256(blob), bytes=len(blob))
-        write_bytes(run / name, blob)
+    write_files(run, blobs)
     record = {"exporter": EXPORTER, "opset": opset, "versions": _versions(),
                     "feature_dim": int(model.head.in_features), "classes": len(meta["class_names"]),
                     "input": INPUT, "outputs": list(OUTPUTS), "weights_sha256": weights,
@@ -110,6 +143,8 @@ def export_onnx(run_dir, int8: bool = False, opset: int = DEFAULT_OPSET, data=No
     loaded.update(onnx=record)
     if stale is not None:
         stale.unlink()  # quantised from other weights; without a record it would be served unchecked
+    if complete:
+        finish(run)
     return {name: run / name for name in blobs}
 
 
@@ -287,10 +322,9 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
     import onnx
 
     from fmnist.core.backends import TorchBackend
-    from fmnist.core.run import Run
     from fmnist.fit.data import preprocess
 
-    loaded = Run.load(run_dir, detector=False)
+    loaded = load_exportable(run_dir)
     run, model, meta = loaded.path, loaded.model(), loaded.meta
     files = [name for name in (FP32, INT8) if onnx_record(meta, name)]
     if not files:

@@ -27,7 +27,7 @@ from fmnist import CLASS_NAMES
 from fmnist.core.errors import InputError
 from fmnist.core.preprocess import make_spec
 from fmnist.core.run import check_new_run_folder, created_now, remove_run
-from fmnist.core.runfolder import CONFIG, ENV, HISTORY, LAST, SUMMARY, TRAIN_LOG, WEIGHTS
+from fmnist.core.runfolder import CONFIG, ENV, HISTORY, LAST, SUMMARY, TRAIN_LOG, WEIGHTS, record_complete
 from fmnist.fit import distributed, runtime
 from fmnist.fit.augment import augment_batch, parse_augment
 from fmnist.fit.budget import TimeBudget
@@ -557,6 +557,7 @@ def _finish(job: Job, st: State, data, device, say, t_start: float, trust: bool 
         return summary
     if not trust:
         write_json(out / SUMMARY, summary)
+        record_complete(out, trust=False)  # complete without a trust layer, as asked
         return summary
     from fmnist.fit.trust.fit import describe, fit_trust
 
@@ -568,6 +569,8 @@ def _finish(job: Job, st: State, data, device, say, t_start: float, trust: bool 
     say(describe(summary["trust"]) + f" ({summary['trust_seconds'][0]:.1f} s; {summary['trust_seconds'][1]:.1f} s "
         "were kept for it)" if cfg.time_budget else describe(summary["trust"]))
     write_json(out / SUMMARY, summary)
+    if "skipped" in summary["trust"]:
+        record_complete(out, trust=False)  # no split to fit on: complete without a trust layer, as logged
     _link_latest(out)
     return summary
 

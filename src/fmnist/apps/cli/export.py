@@ -5,7 +5,6 @@ from pathlib import Path
 
 from fmnist.apps.cli.flags import add_data_flags
 from fmnist.core.errors import InputError
-from fmnist.core.run import Run
 from fmnist.core.runfolder import EXPORT_REPORT
 from fmnist.fit import export
 
@@ -41,12 +40,12 @@ def cmd_export(args) -> int:
         raise InputError("--calibration-images and --opset must be positive, --limit at least 0")
     runtime.setup(args.threads or None, "cpu")
     run = Path(args.run)
-    Run.load(run, detector=False).model()  # fails early, with a clear message, on a run without (valid) weights
+    export.load_exportable(run).model()  # fails early, with a clear message, on an unfinished run or bad weights
     export.require("onnx", "onnxscript", "onnxruntime")
     export.check_opset(args.opset)
     data = data_from_args(args, run)
-    for path in export.export_onnx(run, int8=args.int8, opset=args.opset, data=data,
-                            calibration_images=args.calibration_images).values():
+    for path in export.export_onnx(run, int8=args.int8, opset=args.opset, data=data, complete=False,
+                                   calibration_images=args.calibration_images).values():
         print(f"wrote {path} ({path.stat().st_size / 1024:,.0f} KiB)")
     n = args.limit or len(data.test_labels)
     report = export.validate_onnx(run, data.test_images[:n], data.test_labels[:n], threads=args.threads)
@@ -57,4 +56,5 @@ def cmd_export(args) -> int:
         print(f"the export differs from PyTorch by more than {export.FP32_TOLERANCE:g}: its files are removed (see "
               f"{run / EXPORT_REPORT}), so that no backend serves them")
         return 1
+    export.finish(run)  # recorded and validated: the run is complete with its export
     return 0

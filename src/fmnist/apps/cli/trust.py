@@ -72,7 +72,7 @@ def cmd_calibrate(args) -> int:
         raise InputError(f"--coverage must be strictly between 0 and 1, got {args.coverage}")
     parts = [s.strip() for s in args.ood_parts.split(",") if s.strip()]
     device = runtime.setup(args.threads or None, "cpu")
-    run = Run.load(args.run, detector=False)  # fails early, with a clear message, on a bad run folder
+    run = Run.load(args.run, detector=False, complete=False)  # fails early on a bad run folder (this completes it)
     if not run.config:
         print(f"{run.path}: no config.json; assuming the default split (10,000 validation images, seed 0)")
     data = data_from_args(args, args.run)

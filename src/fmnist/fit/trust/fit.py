@@ -22,6 +22,7 @@ from fmnist.core.conformal import DEFAULT_COVERAGE
 from fmnist.core.forward import forward, probabilities
 from fmnist.core.ood import DEFAULT_PARTS, DEFAULT_TARGET, pixels01
 from fmnist.core.run import Run
+from fmnist.core.runfolder import record_complete, withdraw_complete
 from fmnist.fit.data import preprocess, split_indices
 from fmnist.fit.trust.outliers import COUNT as OUTLIER_COUNT
 from fmnist.fit.trust.outliers import procedural
@@ -84,7 +85,7 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
     from fmnist.fit.trust.calibration import calibrate
     from fmnist.fit.trust.ood_fit import fit_detector
 
-    run = Run.load(run_dir, detector=False)
+    run = Run.load(run_dir, detector=False, complete=False)  # this fit is what completes a run
     train_idx, val_idx = split_indices(data.train_labels, run.config)
     if len(val_idx) < 20:
         return {"skipped": "no validation split to calibrate on (--val-size 0)"}
@@ -112,7 +113,11 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
     if len(va_labels) >= conformal.min_calibration_size(coverage):
         sets = conformal.fit(probabilities(va_logits.numpy(), calibration["temperature"]), va_labels.numpy(),
                              coverage)
-    run.update(calibration=calibration, ood=detector.save(run.path), conformal=sets)
+    # The run is incomplete from the first write (the detector) until the manifest, written last.
+    withdraw_complete(run.path)
+    ood = detector.save(run.path)
+    run.update(calibration=calibration, ood=ood, conformal=sets)
+    record_complete(run.path, trust=True)
     return {
         "coverage": [sets["coverage"], sets["val_coverage"]] if sets else None,
         "mean_set_size": sets["val_mean_size"] if sets else None,
