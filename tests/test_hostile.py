@@ -21,7 +21,7 @@ import fmnist
 from fmnist.apps.cli import main
 from fmnist.core import backends
 from fmnist.core.errors import CheckpointError, InputError
-from fmnist.core.runfolder import read_json, sha256, write_json
+from fmnist.core.runfolder import read_json, record_complete, sha256, write_json
 from fmnist.fit.export import FP32, export_onnx
 
 FRESH = shutil.ignore_patterns("metrics.json", "export.json")
@@ -292,6 +292,7 @@ def plant(run: Path, data: bytes) -> None:
     meta["onnx"]["files"][FP32]["sha256"] = sha256(data)
     meta["onnx"]["files"][FP32]["bytes"] = len(data)
     write_json(run / "model.json", meta)
+    record_complete(run)  # and its manifest: only the graph check stands between it and ONNX Runtime
 
 
 @pytest.mark.parametrize("build, message", [

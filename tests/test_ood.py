@@ -233,6 +233,9 @@ def test_a_detector_fitted_on_another_models_features_is_refused_at_load(tmp_pat
     meta = json.loads((run / "model.json").read_text())
     meta["ood"]["sha256"] = sha256(path.read_bytes())  # consistent files: only the sizes tell
     (run / "model.json").write_text(json.dumps(meta))
+    from fmnist.core.runfolder import record_complete
+
+    record_complete(run)
     with pytest.raises(CheckpointError, match="fitted on another model"):
         fmnist.load(run)
     Run.load(trained_run).backend()  # the untouched run loads
@@ -264,6 +267,9 @@ def test_a_run_without_detector_still_predicts(tmp_path, trained_run, synthetic_
     del meta["ood"]
     (run / "model.json").write_text(json.dumps(meta))
     (run / "ood.safetensors").unlink()
+    from fmnist.core.runfolder import record_complete
+
+    record_complete(run, trust=False)  # a run trained without its trust layer, on purpose
     predictor = fmnist.load(run)
     r = predictor.predict(ood_sets.uniform_noise(1, np.random.default_rng(0))[0])
     assert r["ood_score"] is None and r["reason"] != "out_of_distribution"
