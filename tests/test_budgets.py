@@ -116,7 +116,11 @@ def test_decoding_stops_when_the_client_goes(trained_run):
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(_head("/api/predict", ctype, len(body)) + body)
-            time.sleep(0.5)  # the decoding has started
+            started = time.monotonic() + 20  # a worker has the image (its process may take a while to start)
+            while app.state.large_decoder.sent == 0 and time.monotonic() < started:
+                time.sleep(0.05)
+            assert app.state.large_decoder.sent == 1
+            time.sleep(0.2)
         deadline = time.monotonic() + 5
         while _killed(app) == 0 and time.monotonic() < deadline:
             time.sleep(0.05)

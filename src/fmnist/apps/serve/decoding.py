@@ -182,6 +182,7 @@ class DecodePool:
         self._free = asyncio.Semaphore(workers)
         self._all: set[_Process] = set()
         self.killed = 0  # workers killed past their deadline or for a client gone (for tests and logs)
+        self.sent = 0  # uploads handed to a worker (for tests and logs)
 
     def start(self) -> None:
         """Start the workers now (they get ready meanwhile; else they start on first use)."""
@@ -215,6 +216,7 @@ class DecodePool:
                     proc = self._spawn()
                     await self._until_ready(proc)
                     self._send(proc, data, pixels_left)
+                self.sent += 1
                 outcome = await self._answer(proc, self.timeout)
                 keep = True
             except asyncio.TimeoutError:
