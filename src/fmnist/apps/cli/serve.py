@@ -29,6 +29,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ood-threshold", type=float, default=d.ood_threshold,
                    help="refuse images whose out-of-distribution score is above this, for runs with an OOD "
                         "detector, on the run's own scale (GET /api/model shows its threshold) (default: the run's own)")
+    _add_budget_flags(p, d)
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"images per /api/predict/batch request (default: {d.max_batch})")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help=f"inference worker threads, each running the model on one thread (default: {d.threads})")
+    add_backend_flag(p)
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help=f"seconds a client has to send a request's headers, from connecting or from the "
+                        f"request's first byte; then 408 and the connection is closed "
+                        f"(default: {d.header_timeout:g})")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help=f"seconds a client has to send a request's body once its headers are in; then 408 "
+                        f"(default: {d.body_timeout:g})")
+    p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
+                   help=f"seconds an idle keep-alive connection stays open (default: {d.keep_alive_timeout:g})")
+    p.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
+                   help="Host header values the server answers (any port), against DNS rebinding; '*' for any "
+                        "(default: the --host address and localhost, 127.0.0.1, [::1]; with --host 0.0.0.0, "
+                        "the machine's names instead of the address)")
+    p.add_argument("--docs", action="store_true",
+                   help="serve Swagger UI at /docs; it loads its script from cdn.jsdelivr.net (default: off; "
+                        "the OpenAPI description is always at /openapi.json)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level (default: info)")
+    p.add_argument("--access-log", default=True, action=argparse.BooleanOptionalAction,
+                   help="log one line per request (default: on)")
+
+
+def _add_budget_flags(p: argparse.ArgumentParser, d) -> None:
+    """What one upload, one request and one client may cost: sizes, decoding work, deadlines, concurrency."""
     p.add_argument("--max-body-mb", type=float, default=d.max_body / 1e6,
                    help=f"largest request body in MB (10^6 bytes); larger ones get 413 "
                         f"(default: {d.max_body / 1e6:g})")
@@ -71,31 +101,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="addresses of reverse proxies in front of the server: their X-Forwarded-For names the "
                         "client for the per-client limits, and their connections are not capped per client "
                         "(default: none; the header is ignored)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch,
-                   help=f"images per /api/predict/batch request (default: {d.max_batch})")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help=f"inference worker threads, each running the model on one thread (default: {d.threads})")
-    add_backend_flag(p)
-    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
-                   help=f"seconds a client has to send a request's headers, from connecting or from the "
-                        f"request's first byte; then 408 and the connection is closed "
-                        f"(default: {d.header_timeout:g})")
-    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
-                   help=f"seconds a client has to send a request's body once its headers are in; then 408 "
-                        f"(default: {d.body_timeout:g})")
-    p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
-                   help=f"seconds an idle keep-alive connection stays open (default: {d.keep_alive_timeout:g})")
-    p.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
-                   help="Host header values the server answers (any port), against DNS rebinding; '*' for any "
-                        "(default: the --host address and localhost, 127.0.0.1, [::1]; with --host 0.0.0.0, "
-                        "the machine's names instead of the address)")
-    p.add_argument("--docs", action="store_true",
-                   help="serve Swagger UI at /docs; it loads its script from cdn.jsdelivr.net (default: off; "
-                        "the OpenAPI description is always at /openapi.json)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="server log level (default: info)")
-    p.add_argument("--access-log", default=True, action=argparse.BooleanOptionalAction,
-                   help="log one line per request (default: on)")
 
 
 def register(sub, formatter_class) -> None:
