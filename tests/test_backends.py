@@ -144,11 +144,21 @@ def test_predict_without_pytorch(exported, synthetic_data, tmp_path):
     want = Predictor.from_run(exported, backend="torch").predict_batch([f.read_bytes() for f in files])
     assert [(g["label"], g["verdict"], g["reason"]) for g in got] == [(w["label"], w["verdict"], w["reason"])
                                                                      for w in want]
-    # a command that needs PyTorch says so in one line
-    proc = _no_torch("fmnist.apps.cli", "calibrate", str(exported), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                     text=True)
+
+
+@pytest.mark.parametrize("argv", [["models"], ["evaluate", "RUN", "--backend", "onnx"], ["report", "RUN"],
+                                  ["export", "RUN"], ["calibrate", "RUN"], ["train", "--epochs", "1"],
+                                  ["ood-eval", "RUN"]])
+def test_a_command_that_needs_pytorch_says_so_in_one_line(exported, tmp_path, argv):
+    import subprocess
+
+    run = shutil.copytree(exported, tmp_path / "run")  # nothing may be written into the shared fixture
+    argv = [str(run) if a == "RUN" else a for a in argv]
+    proc = _no_torch("fmnist.apps.cli", *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     cwd=tmp_path)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "needs PyTorch" in err and "Traceback" not in err
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 1 and "needs PyTorch" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -280,6 +280,19 @@ def test_model_that_does_not_match_the_run(run, kwargs, message):
         onnx_backend(run / FP32)
 
 
+def test_weights_kept_outside_the_graph_are_refused(run, tmp_path, monkeypatch):
+    """ONNX Runtime would read external data from the working folder, which no checksum covers: refused."""
+    model = onnx.load(str(run / FP32))
+    onnx.save_model(model, str(run / FP32), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.data", size_threshold=0)
+    meta = read_json(run / "model.json")
+    del meta["onnx"]["files"][FP32]  # no recorded checksum: the graph check alone must refuse it
+    write_json(run / "model.json", meta)
+    monkeypatch.chdir(run)  # the external file is where the runtime would find it
+    with pytest.raises(CheckpointError, match="refers to external data"):
+        onnx_backend(run / FP32)
+
+
 def test_wrong_input_shape_at_run_time(exported):
     with pytest.raises(ValueError, match=r"expected images of shape \(N, 1, 28, 28\)"):
         onnx_backend(exported / FP32).run(np.zeros((2, 28, 28), np.float32))

@@ -307,6 +307,12 @@ def resume(run: Path) -> list[str]:
         for i, b in s["optimizer"]["state"].items()}}}, "optimizer momentum_buffer of shape"),
     (lambda s: {**s, "generator": torch.zeros(3, dtype=torch.uint8)}, "does not fit"),
     (lambda s: {**s, "epoch": "1"}, "not what training writes"),
+    (lambda s: {**s, "elapsed": float("nan")}, "not what training writes"),
+    (lambda s: {**s, "elapsed": -5.0}, "not what training writes"),
+    (lambda s: {**s, "history": ["epoch one"] * len(s["history"])}, "not what training writes"),
+    (lambda s: {**s, "history": [{**r, "train_loss": "low"} for r in s["history"]]}, "not what training writes"),
+    (lambda s: {**s, "best": {"epoch": 7, "value": 0.5}}, "not what training writes"),
+    (lambda s: {**s, "step": True}, "not what training writes"),
     (lambda s: [1, 2], "lacks model"),
 ])
 def test_a_damaged_resume_state_is_one_clear_error(half_run, capsys, damage, message):
@@ -325,6 +331,12 @@ def test_a_damaged_resume_state_is_one_clear_error(half_run, capsys, damage, mes
     (lambda c: {**c, "lr": None}, "lr must be float"),
     (lambda c: {**c, "data_dir": 5}, "data_dir must be str or None"),
     (lambda c: {**c, "epochs": 0}, "--epochs must be >= 1"),
+    (lambda c: {**c, "label_smoothing": 5}, "--label-smoothing must be in [0, 1)"),
+    (lambda c: {**c, "threads": 100000}, "--threads must be in [0, 1024]"),
+    (lambda c: {**c, "subset": -5}, "--subset must be >= 0"),
+    (lambda c: {**c, "tta": "false"}, "tta must be bool, got 'false'"),
+    (lambda c: {**c, "warmup": 1.5}, "--warmup must be in [0, 1)"),
+    (lambda c: {**c, "time_budget": 1e12}, "--time-budget must be at most"),
     (lambda c: [c], "does not hold a JSON object"),
 ])
 def test_a_damaged_config_json_on_resume_names_the_key(half_run, capsys, change, message):

@@ -60,6 +60,7 @@ def _tamper(path: Path, change) -> None:
     (lambda m: {**m, "class_names": ["a", "a"]}, "class_names must be a list of distinct names"),
     (lambda m: {k: v for k, v in m.items() if k != "preprocessing"}, "preprocessing is missing"),
     (lambda m: {**m, "preprocessing": {**m["preprocessing"], "std": 0.0}}, "preprocessing.std"),
+    (lambda m: {**m, "preprocessing": {**m["preprocessing"], "std": 1e-30}}, "preprocessing.std"),
     (lambda m: {**m, "preprocessing": {**m["preprocessing"], "size": 32}}, "preprocessing.size"),
     (lambda m: {**m, "calibration": {**m["calibration"], "temperature": -1}}, "calibration.temperature"),
     (lambda m: {**m, "thresholds": {"confidence": 2}}, "thresholds.confidence"),

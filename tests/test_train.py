@@ -313,6 +313,11 @@ def test_resolve_config_overrides_and_ignores_none():
     (dict(ema=1.0), "--ema"),
     (dict(patience=-1), "negative"),
     (dict(augment="flip,blur"), "blur"),
+    (dict(label_smoothing=5.0), "--label-smoothing"),
+    (dict(threads=100000), "--threads"),
+    (dict(subset=-5), "--subset"),
+    (dict(momentum=1.0), "--momentum"),
+    (dict(weight_decay=-1.0), "--weight-decay"),
 ])
 def test_resolve_config_rejects_bad_options(overrides, needle):
     with pytest.raises(ValueError, match=needle):

@@ -188,6 +188,11 @@ class Run:
 FASHION_DATASET = {"name": "fashion-mnist", "mirror_symmetric": True, "descriptions": {}}
 
 
+# The smallest pixel spread a trained model may divide by: below it the images were (near) constant and
+# preprocessing would blow every input up into huge values.
+MIN_STD = 1e-3
+
+
 def _check_meta(meta, where: Path) -> None:
     """Structure and values of model.json, with one clear error naming the file."""
     if not isinstance(meta, dict):
@@ -214,7 +219,7 @@ def _check_meta(meta, where: Path) -> None:
         raise CheckpointError(f"{where}: preprocessing.size must be 28 (the models take 28x28 images), "
                               f"got {spec.get('size')!r}")
     _finite(spec.get("mean"), "preprocessing.mean", where, 0.0, 1.0)
-    _finite(spec.get("std"), "preprocessing.std", where, 0.0, 1.0, open_low=True)
+    _finite(spec.get("std"), "preprocessing.std", where, MIN_STD, 1.0)
     onnx = meta.get("onnx")
     if onnx is not None and not (isinstance(onnx, dict) and isinstance(onnx.get("files", {}), dict)
                                  and all(isinstance(f, dict) for f in onnx.get("files", {}).values())):

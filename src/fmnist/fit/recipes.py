@@ -270,6 +270,17 @@ def _table_values(base: dict, given: dict) -> dict:
 # What each TrainConfig field may hold in a config.json (the annotations are strings: postponed evaluation).
 _JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None)),
                "bool | None": (bool, type(None))}
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def check_value(key: str, value) -> str | None:
+    """Why ``value`` cannot be the TrainConfig field ``key`` as read from a file (None when it can): a value of the
+    wrong JSON type, a bool where a number is due, a NaN or an infinity."""
+    kinds = _JSON_TYPES[_FIELD_TYPES[key]]
+    ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        return f"{key} must be {_FIELD_TYPES[key].replace(' | ', ' or ')}, got {value!r}"
+    return None
 
 
 def read_config(path) -> TrainConfig:
@@ -280,20 +291,22 @@ def read_config(path) -> TrainConfig:
     values = read_json(path)
     if not isinstance(values, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for key, value in values.items():
-        if key not in fields:
+        if key not in _FIELD_TYPES:
             raise CheckpointError(f"{path}: unknown key {key!r}: not a training option of this fmnist")
-        kinds = _JSON_TYPES[fields[key]]
-        ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
-        if not ok or (isinstance(value, float) and not math.isfinite(value)):
-            raise CheckpointError(f"{path}: {key} must be {fields[key].replace(' | ', ' or ')}, got {value!r}")
+        if (why := check_value(key, value)) is not None:
+            raise CheckpointError(f"{path}: {why}")
     cfg = TrainConfig(**values)
     try:
         validate(cfg)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return cfg
+
+
+# Beyond these a value is a typo, not a setting (threads: more than any machine fmnist runs on has cores).
+MAX_THREADS = 1024
+MAX_BUDGET_SECONDS = 7 * 24 * 3600
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -315,6 +328,13 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
         (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
         (cfg.val_size >= 0 and cfg.time_budget >= 0 and cfg.patience >= 0, "negative sizes are not allowed"),
+        (cfg.subset >= 0, "--subset must be >= 0 (0 = every training image)"),
+        (0 <= cfg.threads <= MAX_THREADS, f"--threads must be in [0, {MAX_THREADS}] (0 = physical cores)"),
+        (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+        (0 <= cfg.warmup < 1, "--warmup must be in [0, 1)"),
+        (0 <= cfg.momentum < 1, "--momentum must be in [0, 1)"),
+        (0 <= cfg.weight_decay < 1, "--weight-decay must be in [0, 1)"),
+        (cfg.time_budget <= MAX_BUDGET_SECONDS, f"--time-budget must be at most {MAX_BUDGET_SECONDS:,} s (a week)"),
     ]
     for ok, msg in checks:
         if not ok:

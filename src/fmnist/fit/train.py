@@ -314,13 +314,35 @@ def read_resume(out: Path) -> dict:
     missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
     if missing:
         raise CheckpointError(f"{path} is not a resume state of this fmnist: it lacks {', '.join(missing)}")
-    ok = (isinstance(state["epoch"], int) and isinstance(state["step"], int) and state["epoch"] >= 0
-          and isinstance(state["elapsed"], (int, float)) and isinstance(state["history"], list)
-          and len(state["history"]) == state["epoch"] and isinstance(state["best"], dict))
+    ok = (_count(state["epoch"]) and _count(state["step"]) and _seconds(state["elapsed"])
+          and isinstance(state["history"], list) and len(state["history"]) == state["epoch"]
+          and all(_history_row(row) for row in state["history"]) and _best(state["best"], state["epoch"]))
     if not ok:
         raise CheckpointError(f"{path} is not a resume state of this fmnist: its epoch, step, elapsed time, "
                               "history or best epoch are not what training writes")
     return state
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _seconds(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _number(value) -> bool:
+    """A finite number, or None where training writes one (an epoch that was not validated)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+
+
+def _history_row(row) -> bool:
+    return isinstance(row, dict) and _count(row.get("epoch")) and all(_number(v) for v in row.values())
+
+
+def _best(best, epochs: int) -> bool:
+    return (isinstance(best, dict) and _count(best.get("epoch")) and best["epoch"] <= epochs
+            and _number(best.get("value")))
 
 
 def restore(state: dict, st: State, path: Path) -> float:

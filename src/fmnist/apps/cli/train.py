@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -190,7 +189,7 @@ def _overrides(args) -> dict:
 def read_config_file(path) -> dict:
     """The options of a recipe file (a run's config.json, or TOML): every key a training option, every value of
     that option's type; anything else is one InputError naming the file and the key."""
-    from fmnist.fit.recipes import _JSON_TYPES
+    from fmnist.fit.recipes import check_value
 
     path = Path(path)
     try:
@@ -207,13 +206,13 @@ def read_config_file(path) -> dict:
             from None
     if not isinstance(values, dict):
         raise InputError(f"--config {path}: expected a table of options, got {type(values).__name__}")
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name == "pinned":  # bookkeeping of a run's config.json, not an option
             continue
-        if name not in types:
+        if name not in known:
             raise InputError(f"--config {path}: unknown option {key!r} (the options are those of "
                              "`fmnist train --help`, with _ for -)")
         if name == "preset":
@@ -221,10 +220,8 @@ def read_config_file(path) -> dict:
                 raise InputError(f"--config {path}: unknown preset {value!r}; choose one of: {', '.join(PRESETS)}")
             out[name] = value
             continue
-        kinds = _JSON_TYPES[types[name]]
-        ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
-        if not ok or (isinstance(value, float) and not math.isfinite(value)):
-            raise InputError(f"--config {path}: {key} must be {types[name].replace(' | ', ' or ')}, got {value!r}")
+        if (why := check_value(name, value)) is not None:
+            raise InputError(f"--config {path}: {why}")
         if name in CHOICES and value not in CHOICES[name]:
             raise InputError(f"--config {path}: {key} must be one of {', '.join(CHOICES[name])}, got {value!r}")
         out[name] = value
