@@ -66,7 +66,7 @@ def backends(run: Path, threads: int) -> dict:
     out = {"PyTorch eager": loaded.backend(fold_bn=True).run}  # as the server runs it
     for label, name in (("ORT fp32", FP32), ("ORT int8", INT8)):
         if (run / name).exists():
-            out[label] = OnnxBackend(run / name, loaded.meta, threads=threads).run
+            out[label] = OnnxBackend(run / name, loaded.description, threads=threads).run
     return out
 
 

@@ -37,7 +37,7 @@ FRESH = shutil.ignore_patterns("metrics.json", "export.json")
 def onnx_backend(path: Path, **kwargs) -> OnnxBackend:
     """An ONNX backend on ``path``, with the model.json of the run folder it lies in."""
     # complete=False: the backend's own checks, which hold for a stranger's folder whose manifest matches too
-    return OnnxBackend(path, Run.load(path.parent, detector=False, complete=False).meta, **kwargs)
+    return OnnxBackend(path, Run.load(path.parent, detector=False, complete=False).description, **kwargs)
 
 def images(data, n, start=0) -> np.ndarray:
     return preprocess(data.test_images[start:start + n], DEFAULT_SPEC).numpy()
@@ -321,7 +321,7 @@ sys.modules["torch"] = None  # any `import torch` now fails
 import numpy as np
 from fmnist.core.backends import OnnxBackend
 from fmnist.core.run import Run
-meta = Run.load({str(exported)!r}, detector=False).meta
+meta = Run.load({str(exported)!r}, detector=False).description
 features, logits = OnnxBackend({str(exported / FP32)!r}, meta).run(np.load({str(tmp_path / 'x.npy')!r}))
 np.save({str(tmp_path / 'logits.npy')!r}, logits)
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "safetensors")))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import make_synthetic
 
 import fmnist
 from fmnist.apps.cli import main
+from fmnist.core.model_json import ood_section, upgrade
 from fmnist.core.ood import DEFAULT_PARTS, DEFAULT_TARGET, PARTS, Detector, pixels01
 from fmnist.fit.checkpoint import CheckpointError
 from fmnist.fit.trust import eval_sets as ood_sets
@@ -106,23 +108,28 @@ def test_noise_and_turned_images_score_above_genuine(detector, id_data):
     assert auroc(genuine, detector.score(feats, turned, logits)) > 0.9
 
 
+def checked(config: dict) -> dict:
+    """An OOD section as a run's model.json gives it to the detector: upgraded to the current schema, checked."""
+    return ood_section(upgrade({"ood": json.loads(json.dumps(config))})["ood"], Path("model.json"))
+
+
 def test_detector_save_and_load_give_identical_scores(tmp_path, detector, id_data):
     config = detector.save(tmp_path)
     json.dumps(config)  # the JSON part goes into model.json
-    loaded = Detector.load(tmp_path, {"ood": config})
+    loaded = Detector.load(tmp_path, checked(config))
     feats, _, pixels, logits = (t[:300] for t in id_data["held_out"])
     assert loaded.threshold == detector.threshold and loaded.parts == detector.parts
     torch.testing.assert_close(loaded.score(feats, pixels, logits), detector.score(feats, pixels, logits))
-    assert Detector.load(tmp_path, {}) is None  # no "ood" in model.json: no detector
+    assert Detector.load(tmp_path, None) is None  # no "ood" in model.json: no detector
     broken = dict(config, standardise={})
     with pytest.raises(CheckpointError, match="calibrate"):
-        Detector.load(tmp_path, {"ood": broken})
+        Detector.load(tmp_path, checked(broken))
 
 
 def test_every_optional_part_fits_scores_and_reloads(tmp_path, id_data):
     small = {k: tuple(t[:1000] for t in v) for k, v in id_data.items()}
     det = fit(small, parts=PARTS)
-    loaded = Detector.load(tmp_path, {"ood": det.save(tmp_path)})
+    loaded = Detector.load(tmp_path, checked(det.save(tmp_path)))
     feats, _, pixels, logits = (t[:200] for t in id_data["held_out"])
     scores = loaded.part_scores(feats, pixels, logits)
     assert list(scores) == list(PARTS)
@@ -145,12 +152,12 @@ def test_parts_add_their_evidence_and_older_runs_keep_their_rule(tmp_path, detec
     config = detector.save(tmp_path)
     # Runs fitted with the standardised sum keep it; those fitted before it (no "combine") the maximum.
     std = {n: (raw[n] - med) / scale for n, (med, scale) in config["standardise"].items()}
-    summed = Detector.load(tmp_path, {"ood": dict(config, combine="sum")})
+    summed = Detector.load(tmp_path, checked(dict(config, combine="sum")))
     np.testing.assert_allclose(summed.score(feats, pixels, logits), sum(std.values()), rtol=1e-5, atol=1e-5)
-    old = Detector.load(tmp_path, {"ood": {k: v for k, v in config.items() if k != "combine"}})
+    old = Detector.load(tmp_path, checked({k: v for k, v in config.items() if k != "combine"}))
     np.testing.assert_allclose(old.score(feats, pixels, logits), np.stack(list(std.values())).max(0), rtol=1e-5)
     with pytest.raises(CheckpointError, match="combination"):
-        Detector.load(tmp_path, {"ood": dict(config, combine="median")})
+        Detector.load(tmp_path, checked(dict(config, combine="median")))
 
 
 def test_evidence_grows_past_the_strangest_validation_image(detector, id_data):
@@ -218,7 +225,7 @@ def test_a_tampered_tail_of_validation_scores_is_refused(tmp_path, detector):
     for changed in (unsorted, missing):
         save_arrays(path, changed, metadata={"format": "fmnist-ood/1"})
         with pytest.raises(CheckpointError, match="refit|calibrate"):
-            Detector.load(tmp_path, {"ood": dict(config, sha256=sha256(path.read_bytes()))})
+            Detector.load(tmp_path, checked(dict(config, sha256=sha256(path.read_bytes()))))
 
 
 def test_a_detector_fitted_on_another_models_features_is_refused_at_load(tmp_path, trained_run):

@@ -48,6 +48,14 @@ def test_update_writes_the_current_schema_and_keeps_the_rest(v1):
     assert Run.load(v1).confidence_threshold == 0.7
 
 
+def test_an_ood_section_older_than_combination_rules_is_read_as_their_maximum(v1):
+    """The one conversion of an older schema (core.model_json.upgrade): no "combine" was the parts' maximum."""
+    _tamper(v1, lambda m: {**m, "ood": {k: v for k, v in m["ood"].items() if k != "combine"}})
+    run = Run.load(v1)
+    assert run.detector.rule == "max" and run.meta["ood"]["combine"] == "max"
+    assert "combine" not in read_json(v1 / "model.json")["ood"]  # reading converts in memory, never on disk
+
+
 def _tamper(path: Path, change) -> None:
     meta = read_json(path / "model.json")
     write_json(path / "model.json", change(meta))
@@ -64,8 +72,17 @@ def _tamper(path: Path, change) -> None:
     (lambda m: {**m, "preprocessing": {**m["preprocessing"], "size": 32}}, "preprocessing.size"),
     (lambda m: {**m, "calibration": {**m["calibration"], "temperature": -1}}, "calibration.temperature"),
     (lambda m: {**m, "thresholds": {"confidence": 2}}, "thresholds.confidence"),
-    (lambda m: {**m, "ood": {**m["ood"], "threshold": None}}, "OOD threshold must be a finite number"),
+    (lambda m: {**m, "ood": {**m["ood"], "threshold": None}}, "ood.threshold must be a finite number"),
+    (lambda m: {**m, "ood": {**m["ood"], "standardise": {**m["ood"]["standardise"], "stats": [0.0, 0.0]}}},
+     r"ood.standardise.stats scale must be a finite number in \(0.0"),
+    (lambda m: {**m, "ood": {**m["ood"], "standardise": {"energy": [0.0, 1.0]}}}, "median and scale of each part"),
+    (lambda m: {**m, "ood": {**m["ood"], "combine": "median"}}, "unknown OOD combination rule 'median'"),
+    (lambda m: {**m, "ood": {**m["ood"], "parts": "energy"}}, "unsupported OOD format"),
+    (lambda m: {**m, "tta": "false"}, "tta must be true or false"),
+    (lambda m: {**m, "best_epoch": -1}, "best_epoch must be a whole number"),
+    (lambda m: {**m, "onnx": {"files": {}, "weights_sha256": 5}}, "onnx.weights_sha256"),
     (lambda m: {**m, "schema_version": SCHEMA_VERSION + 1}, "a newer fmnist wrote it"),
+    (lambda m: {**m, "schema_version": True}, "schema_version True"),
     (lambda m: {**m, "model": 7}, "model must name an architecture"),
     (lambda m: {**m, "ood": "yes"}, "ood must be an object"),
     (lambda m: {**m, "onnx": []}, "onnx must be an object"),

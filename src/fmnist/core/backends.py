@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from fmnist.core.errors import InputError
+from fmnist.core.model_json import ModelJson
 from fmnist.core.runfolder import (
     MODEL_JSON,
     ONNX_FP32,
@@ -128,16 +129,16 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, path, meta: dict, threads: int = 1, spinning: bool = False):
+    def __init__(self, path, desc: ModelJson, threads: int = 1, spinning: bool = False):
         self.path = Path(path)
         self.name = "onnx-int8" if self.path.name == INT8 else "onnx"
         if not onnxruntime_available():
             raise MissingDependency(f"{self.path}: the onnx backend needs ONNX Runtime: {INSTALL_HINT}")
-        model_bytes = _read_checked(self.path, meta)
+        model_bytes = _read_checked(self.path, desc)
         check_graph(model_bytes, self.path)  # before ONNX Runtime sees it
         self.session = _session(model_bytes, self.path, threads, spinning)
-        self.feature_dim, self.num_classes = _check_signature(self.session, self.path, meta)
-        self.size = int(meta.get("preprocessing", {}).get("size", 28))
+        self.feature_dim, self.num_classes = _check_signature(self.session, self.path, desc)
+        self.size = desc.preprocessing["size"]
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x: float32 (N, 1, 28, 28), already normalised -> (features (N, D), logits (N, C)), float32.
@@ -291,12 +292,7 @@ def _size_problems(one: dict, two: dict) -> list[str]:
     return problems
 
 
-def onnx_record(meta: dict, filename: str) -> dict | None:
-    """What ``fmnist export`` recorded in model.json about one of its files (None if it recorded nothing)."""
-    return (meta.get("onnx") or {}).get("files", {}).get(filename)
-
-
-def _read_checked(path: Path, meta: dict) -> bytes:
+def _read_checked(path: Path, desc: ModelJson) -> bytes:
     """The file's bytes, refused if they differ from what the export recorded or the weights changed since.
 
     A file with no record (exported by other means) is accepted here; its signature is still checked.
@@ -305,14 +301,14 @@ def _read_checked(path: Path, meta: dict) -> bytes:
     if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path} not found: export the run first (fmnist export {run})")
     data = read_run_file(path)
-    record = onnx_record(meta, path.name)
+    record = desc.onnx_record(path.name)
     if record is None:
         return data
     if sha256(data) != record.get("sha256"):
         raise CheckpointError(f"{path} has changed since it was exported (its SHA-256 is not the one "
                               f"{run / MODEL_JSON} records): export the run again (fmnist export {run})")
     weights = run / WEIGHTS
-    recorded_weights = meta["onnx"].get("weights_sha256")
+    recorded_weights = desc.onnx.get("weights_sha256")
     if recorded_weights and is_present(weights) and sha256(read_run_file(weights)) != recorded_weights:
         raise CheckpointError(f"{path} was exported from other weights than {weights} holds now: export the run "
                               f"again (fmnist export {run})")
@@ -342,11 +338,10 @@ def _session(model_bytes: bytes, path: Path, threads: int, spinning: bool):
                               f"{ort.__version__}?): {reason}") from None
 
 
-def _check_signature(session, path: Path, meta: dict) -> tuple[int, int]:
+def _check_signature(session, path: Path, desc: ModelJson) -> tuple[int, int]:
     """Check the graph's inputs and outputs against the run; return (feature dim, classes)."""
-    size = int(meta.get("preprocessing", {}).get("size", 28))
-    classes = len(meta.get("class_names", []))
-    recorded = (meta.get("onnx") or {}).get("feature_dim")
+    size, classes = desc.preprocessing["size"], len(desc.class_names)
+    recorded = (desc.onnx or {}).get("feature_dim")
     problems = []
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [i.name for i in inputs] != [INPUT]:

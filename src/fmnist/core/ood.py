@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist.core.errors import InputError
+from fmnist.core.model_json import OOD_FORMAT, OOD_RULES  # noqa: F401 (OOD_RULES: re-exported)
 from fmnist.core.runfolder import (
     DETECTOR,
     CheckpointError,
@@ -57,7 +58,6 @@ from fmnist.core.runfolder import (
     sha256,
 )
 
-OOD_FORMAT = "fmnist-ood/1"
 OOD_FILE = DETECTOR
 DEFAULT_TARGET = 0.98
 PARTS = ("outlier", "energy", "orientation", "stats", "knn", "pixel", "mahalanobis")
@@ -66,7 +66,6 @@ NEEDS_NO_FIT = {"energy"}  # computed from the logits alone: no statistics to st
 KNN_K = 1
 BANK_SIZE = 2_000
 COMBINE = "fisher"  # how parts make one score; runs fitted earlier keep theirs: "sum", or "max" (none recorded)
-COMBINE_RULES = ("fisher", "sum", "max")
 PIXEL_COMPONENTS = 30
 SHRINK = 1e-3  # covariance shrinkage towards the mean variance, relative: keeps inverses stable
 
@@ -222,9 +221,7 @@ class Detector:
             self.arrays.update(_pixel_derived(self.arrays))
         self.config = config
         self.parts = list(config["parts"])
-        self.rule = config.get("combine", "max")  # runs fitted before the sum keep the rule of their threshold
-        if self.rule not in COMBINE_RULES:
-            raise CheckpointError(f"unknown OOD combination rule {self.rule!r}")
+        self.rule = config["combine"]  # runs fitted before the evidence sum keep the rule of their threshold
         self.threshold = float(config.get("threshold", float("inf")))
 
     def part_scores(self, feats, pixels, logits=None) -> dict[str, np.ndarray]:
@@ -307,21 +304,16 @@ class Detector:
         return dict(self.config)
 
     @classmethod
-    def load(cls, run_dir, meta: dict) -> Detector | None:
-        """The run's detector, or None if it has none (a run fitted before OOD detection existed)."""
-        config = meta.get("ood")
+    def load(cls, run_dir, config: dict | None) -> Detector | None:
+        """The run's detector from ``config``, model.json's checked OOD section
+        (:func:`fmnist.core.model_json.ood_section`), and its arrays in RUN/ood.safetensors; None if the run
+        has none (a run fitted before OOD detection existed)."""
         path = Path(run_dir) / OOD_FILE
         if not config:
             return None
         if not is_present(path):  # model.json says there is a detector: serving without it would accept anything
             raise CheckpointError(f"{path} not found, but model.json describes an OOD detector: restore the file "
                                   "or refit it with `fmnist calibrate RUN`")
-        if config.get("format") != OOD_FORMAT or not isinstance(config.get("parts"), list):
-            raise CheckpointError(f"{path}: unsupported OOD format {config.get('format')!r}")
-        threshold = config.get("threshold")
-        if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
-            raise CheckpointError(f"{Path(run_dir) / 'model.json'}: OOD threshold must be a finite number, "
-                                  f"got {threshold!r}")
         data = read_run_file(path)  # a regular file inside the run folder, of a bounded size
         if "sha256" in config and sha256(data) != config["sha256"]:
             raise CheckpointError(f"{path} is not the file {Path(run_dir) / 'model.json'} was fitted with (its SHA-256 "
@@ -334,14 +326,12 @@ class Detector:
             missing += [f"{n} (validation scores)" for n in det.parts if f"tail.{n}" not in det.tensors]
         if "outlier" in det.parts:
             missing += [k for k in ("outlier.weight", "outlier.bias") if k not in det.tensors]
-        if missing or set(config.get("standardise", {})) != set(det.parts):
-            raise CheckpointError(f"{path} lacks the statistics of {', '.join(missing) or 'standardisation'}: "
+        if missing:
+            raise CheckpointError(f"{path} lacks the statistics of {', '.join(missing)}: "
                                   "refit with `fmnist calibrate RUN`")
         bad = [k for k, v in det.arrays.items() if not np.isfinite(v).all()]
         bad += [k for k, v in det.arrays.items()
                 if k.startswith("tail.") and (v.ndim != 1 or not len(v) or (np.diff(v) < 0).any())]
-        bad += [n for n, (med, scale) in config["standardise"].items()
-                if not (np.isfinite(med) and np.isfinite(scale) and scale > 0)]
         if bad:
             raise CheckpointError(f"{path}: damaged or non-finite OOD statistics ({', '.join(sorted(bad))}): the "
                                   "detector would score wrongly; refit it with `fmnist calibrate RUN`")

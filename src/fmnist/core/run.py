@@ -4,23 +4,27 @@ A run folder holds ``model.safetensors`` (weights), ``model.json`` (what the wei
 names, preprocessing, test-time augmentation, kept epoch, validation metrics, and after the trust fit the
 temperature and the OOD detector's settings), ``ood.safetensors`` (the detector's statistics),
 ``config.json`` (the training recipe), ``history.csv``, ``env.json``, ``train_summary.json`` and, once
-evaluated, ``metrics.json``. This module is the only reader and writer of ``model.json``.
+evaluated, ``metrics.json``. This module reads and writes ``model.json``; :mod:`fmnist.core.model_json` describes
+its sections and checks them (:attr:`Run.description`), and brings older schemas to the current one.
 
 ``Run.load(path)`` validates the folder once and gives typed fields; a missing, truncated or tampered file
-gives one :class:`~fmnist.fit.checkpoint.CheckpointError` naming the file. Runs written before ``schema_version``
-existed (schema 1) load unchanged.
+gives one :class:`~fmnist.fit.checkpoint.CheckpointError` naming the file.
 """
 from __future__ import annotations
 
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from fmnist.core import backends
-from fmnist.core.conformal import validate_params
+from fmnist.core import backends, model_json
 from fmnist.core.errors import InputError
+from fmnist.core.model_json import (  # noqa: F401 (re-exported)
+    DEFAULT_CONFIDENCE,
+    FASHION_DATASET,
+    MODEL_FORMAT,
+    SCHEMA_VERSION,
+)
 from fmnist.core.ood import Detector
 from fmnist.core.preprocess import preprocess_array
 from fmnist.core.runfolder import (  # noqa: F401 (RUN_FILES, RUN_MARKERS, REPORT_DIR: re-exported)
@@ -41,22 +45,6 @@ from fmnist.core.runfolder import (  # noqa: F401 (RUN_FILES, RUN_MARKERS, REPOR
     write_json,
 )
 
-MODEL_FORMAT = "fmnist-model/1"
-# 1: before this field existed (same layout); 2: adds schema_version itself; 3: a run is complete only with its
-# manifest.json (core.runfolder.check_complete; runs of schema 1 and 2 without one are complete with their trust layer)
-SCHEMA_VERSION = 3
-
-
-def _finite(value, what: str, path: Path, low: float = -math.inf, high: float = math.inf,
-            open_low: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        raise CheckpointError(f"{path}: {what} must be a finite number"
-                              + (f" in ({low}, {high}]" if open_low else f" in [{low}, {high}]"
-                                 if math.isfinite(low) or math.isfinite(high) else "") + f", got {value!r}")
-    return float(value)
-
 
 class Run:
     """A trained run folder. Fields are plain values; the weights load on demand (:meth:`model`)."""
@@ -68,38 +56,15 @@ class Run:
 
     def _read(self, meta: dict) -> None:
         """The fields, from model.json's content, checked (at load, and again after :meth:`update`)."""
-        where = self.path / MODEL_JSON
-        _check_meta(meta, where)
-        self.meta = meta
-        self.schema_version = int(meta.get("schema_version", 1))
-        self.model_name: str = meta["model"]
-        self.class_names: list[str] = list(meta["class_names"])
-        self.spec: dict = meta["preprocessing"]
-        self.tta: bool = bool(meta.get("tta", False))
-        calibration = meta.get("calibration") or {}
-        self.calibration: dict | None = calibration or None
-        self.temperature = _finite(calibration.get("temperature", 1.0), "calibration.temperature", where, 0,
-                                   open_low=True)
-        thresholds = meta.get("thresholds") or {}
-        self.confidence_threshold = _finite(thresholds.get("confidence", DEFAULT_CONFIDENCE),
-                                            "thresholds.confidence", where, 0.0, 1.0)
-        self.metrics: dict = meta.get("metrics") or {}
-        self.recipe: dict = meta.get("recipe") or {}
-        # What the data set is; a run trained before runs recorded it is Fashion-MNIST.
-        self.dataset: dict = {**FASHION_DATASET, **(meta.get("dataset") or {})} if meta.get("dataset") else dict(
-            FASHION_DATASET)
-        self.best_epoch = meta.get("best_epoch")
-        self.select: str = meta.get("select", "")
-        self.parameters = meta.get("parameters")
-        self.conformal: dict | None = None  # candidate-set parameters (fmnist.core.conformal), if fitted
-        if meta.get("conformal"):
-            try:
-                self.conformal = validate_params(meta["conformal"])
-                if self.conformal["classes"] != len(self.class_names):
-                    raise InputError(f"conformal parameters are for {self.conformal['classes']} classes, the "
-                                     f"model has {len(self.class_names)}")
-            except ValueError as e:
-                raise CheckpointError(f"{where}: {e}") from None
+        d = model_json.read(meta, self.path / MODEL_JSON)
+        self.description: model_json.ModelJson = d
+        self.meta = d.raw  # in the current schema
+        self.schema_version = d.written_version
+        self.model_name, self.class_names, self.spec, self.tta = d.model, d.class_names, d.preprocessing, d.tta
+        self.calibration, self.temperature, self.confidence_threshold = d.calibration, d.temperature, d.confidence
+        self.metrics, self.recipe, self.dataset = d.metrics, d.recipe, d.dataset
+        self.best_epoch, self.select, self.parameters = d.best_epoch, d.select, d.parameters
+        self.conformal: dict | None = d.conformal  # candidate-set parameters (fmnist.core.conformal), if fitted
 
     # --- loading -------------------------------------------------------------------------------------------
 
@@ -123,7 +88,7 @@ class Run:
         if not is_present(path / WEIGHTS):
             raise CheckpointError(f"{path / WEIGHTS} not found: is {path} a finished run?")
         if detector:
-            run.detector = Detector.load(path, run.meta)
+            run.detector = Detector.load(path, run.description.ood)
         if complete:
             check_complete(path, run.meta)
         return run
@@ -142,7 +107,7 @@ class Run:
             kind = "onnx" if is_present(self.path / ONNX_FP32) and backends.onnxruntime_available() else "torch"
         if kind in ("onnx", "onnx-int8"):
             path = self.path / (ONNX_FP32 if kind == "onnx" else ONNX_INT8)
-            return self._probed(backends.OnnxBackend(path, self.meta, threads=threads), path)
+            return self._probed(backends.OnnxBackend(path, self.description, threads=threads), path)
         if not backends.importable("torch"):
             hint = ("use --backend onnx" if (self.path / ONNX_FP32).is_file() else
                     f"export the run where PyTorch is (fmnist export {self.path}) to serve it with ONNX Runtime")
@@ -179,59 +144,9 @@ class Run:
         meta.update(sections)
         meta["schema_version"] = SCHEMA_VERSION
         self._read(meta)  # what is written is checked like what is loaded, and the fields follow it
-        write_json(self.path / MODEL_JSON, meta)
+        write_json(self.path / MODEL_JSON, self.meta)
         if was_complete:
             record_complete(self.path)
-
-
-#: The ``dataset`` section of a run that has none (trained before runs recorded their data set).
-FASHION_DATASET = {"name": "fashion-mnist", "mirror_symmetric": True, "descriptions": {}}
-
-
-# The smallest pixel spread a trained model may divide by: below it the images were (near) constant and
-# preprocessing would blow every input up into huge values.
-MIN_STD = 1e-3
-
-
-def _check_meta(meta, where: Path) -> None:
-    """Structure and values of model.json, with one clear error naming the file."""
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{where} does not hold a JSON object")
-    if meta.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{where}: unsupported format {meta.get('format')!r}")
-    version = meta.get("schema_version", 1)
-    if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
-        raise CheckpointError(f"{where}: schema_version {version!r} is not one this fmnist reads "
-                              f"(1 to {SCHEMA_VERSION}); a newer fmnist wrote it?")
-    names = meta.get("class_names")
-    if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
-            or len(set(names)) != len(names)):
-        raise CheckpointError(f"{where}: class_names must be a list of distinct names, got {names!r}")
-    dataset = meta.get("dataset")
-    if isinstance(dataset, dict) and not isinstance(dataset.get("descriptions", {}), dict):
-        raise CheckpointError(f"{where}: dataset.descriptions must be an object (class name -> text)")
-    if not isinstance(meta.get("model"), str):
-        raise CheckpointError(f"{where}: model must name an architecture, got {meta.get('model')!r}")
-    spec = meta.get("preprocessing")
-    if not isinstance(spec, dict):
-        raise CheckpointError(f"{where}: preprocessing is missing or not an object")
-    if spec.get("size") != 28:
-        raise CheckpointError(f"{where}: preprocessing.size must be 28 (the models take 28x28 images), "
-                              f"got {spec.get('size')!r}")
-    _finite(spec.get("mean"), "preprocessing.mean", where, 0.0, 1.0)
-    _finite(spec.get("std"), "preprocessing.std", where, MIN_STD, 1.0)
-    onnx = meta.get("onnx")
-    if onnx is not None and not (isinstance(onnx, dict) and isinstance(onnx.get("files", {}), dict)
-                                 and all(isinstance(f, dict) for f in onnx.get("files", {}).values())):
-        raise CheckpointError(f"{where}: onnx must be an object whose files are objects (written by fmnist export)")
-    for key in ("calibration", "ood", "conformal", "thresholds", "metrics", "recipe", "dataset"):
-        if meta.get(key) is not None and not isinstance(meta[key], dict):
-            raise CheckpointError(f"{where}: {key} must be an object")
-
-
-# Seed B's threshold. Scores are calibrated, so an answer under 0.60 is wrong about 40 % of the time or more:
-# the user is told the model is not sure. (The OOD detector, not this gate, tells garments from other images.)
-DEFAULT_CONFIDENCE = 0.60
 
 
 def _probe_images():

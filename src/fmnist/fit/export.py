@@ -36,7 +36,6 @@ from fmnist.core.backends import (
     MissingDependency,
     OnnxBackend,
     importable,
-    onnx_record,
 )
 from fmnist.core.errors import InputError
 from fmnist.core.progress import Bar
@@ -129,9 +128,9 @@ def export_onnx(run_dir, int8: bool = False, opset: int = DEFAULT_OPSET, data=No
         images = calibration_images_of(loaded, data, calibration_images)
         blobs[INT8] = _quantise(blobs[FP32], images)
         records[INT8] = {"opset": opset, "quantisation": {**QUANTISATION, "images": len(images)}}
-    previous = meta.get("onnx") or {}
-    if not int8 and previous.get("weights_sha256") == weights and onnx_record(meta, INT8):
-        records[INT8] = onnx_record(meta, INT8)  # still quantised from these weights: keep it
+    previous = loaded.description.onnx or {}
+    if not int8 and previous.get("weights_sha256") == weights and loaded.description.onnx_record(INT8):
+        records[INT8] = loaded.description.onnx_record(INT8)  # still quantised from these weights: keep it
     stale = run / INT8 if INT8 not in records and (run / INT8).exists() else None
     for name, blob in blobs.items():
         records[name].update(sha256=sha256(blob), bytes=len(blob))
@@ -325,11 +324,11 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
     from fmnist.fit.data import preprocess
 
     loaded = load_exportable(run_dir)
-    run, model, meta = loaded.path, loaded.model(), loaded.meta
-    files = [name for name in (FP32, INT8) if onnx_record(meta, name)]
+    run, model = loaded.path, loaded.model()
+    files = [name for name in (FP32, INT8) if loaded.description.onnx_record(name)]
     if not files:
         raise CheckpointError(f"{run}: nothing exported to validate: run fmnist export {run}")
-    x = preprocess(images, meta["preprocessing"]).numpy()
+    x = preprocess(images, loaded.spec).numpy()
     y = np.asarray(labels).reshape(-1)
     if len(y) == 0 or len(y) != len(x):
         raise InputError(f"validation needs images and as many labels, got {len(x)} images, {len(y)} labels")
@@ -340,7 +339,7 @@ def validate_onnx(run_dir, images, labels, threads: int = 0, batch: int = 1000) 
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for name in files:
         bar.update(1, on=name)
-        backend = OnnxBackend(run / name, meta, threads=threads)  # checksum, load, signature: clear errors
+        backend = OnnxBackend(run / name, loaded.description, threads=threads)  # checksum, load, signature: clear errors
         try:
             onnx.checker.check_model(str(run / name), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
