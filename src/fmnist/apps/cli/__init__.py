@@ -1,7 +1,7 @@
 """The ``fmnist`` command line: one subcommand per stage, kebab-case flags whose help states the default.
 
-Commands live in this package by job (train, evaluate/predict, trust, report/compare) and in
-:mod:`fmnist.apps.tune`; :data:`COMMANDS` registers them explicitly.
+Commands live in this package by job (train, evaluate/predict, trust, report/compare, tune, export, serve);
+:data:`COMMANDS` registers them explicitly.
 """
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import argparse
 import os
 import sys
 
-from fmnist.apps import tune
-from fmnist.apps.cli import evaluate, export, report, serve, train, trust
+from fmnist.apps.cli import evaluate, export, report, serve, train, trust, tune
 from fmnist.core.errors import FmnistError
 
 # Every subcommand, in the order `fmnist --help` lists them; each module adds its parsers with
