@@ -61,6 +61,7 @@ import numbers
 import numpy as np
 
 from fmnist.core.errors import InputError
+from fmnist.core.values import is_finite_number
 
 METHODS = ("aps", "raps")
 DEFAULT_COVERAGE = 0.95
@@ -229,7 +230,7 @@ def validate_params(params) -> dict:
         return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
 
     def number(v):
-        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        return is_finite_number(v)
 
     need("method", lambda v: v in METHODS, f"one of {', '.join(METHODS)}")
     _check_coverage(params.get("coverage"))

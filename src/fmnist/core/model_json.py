@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fmnist.core.conformal import validate_params
 from fmnist.core.runfolder import CheckpointError
+from fmnist.core.values import is_finite_number
 
 MODEL_FORMAT = "fmnist-model/1"
 OOD_FORMAT = "fmnist-ood/1"
@@ -113,12 +114,11 @@ def finite(value, what: str, path: Path, low: float = -math.inf, high: float = m
            open_low: bool = False) -> float:
     """``value`` as a float, or one CheckpointError naming ``path`` and ``what``: not a finite number, or out of
     [low, high] ((low, high] with ``open_low``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and value <= high
+    ok = is_finite_number(value) and (value > low if open_low else value >= low) and value <= high
     if not ok:
         raise CheckpointError(f"{path}: {what} must be a finite number"
                               + (f" in ({low}, {high}]" if open_low else f" in [{low}, {high}]"
-                                 if math.isfinite(low) or math.isfinite(high) else "") + f", got {value!r}")
+                                 if is_finite_number(low) or is_finite_number(high) else "") + f", got {value!r}")
     return float(value)
 
 

@@ -20,7 +20,6 @@ in order (:func:`split_input` says which is which); in a list, an image that can
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from fmnist.core.ood import pixels01
 from fmnist.core.preprocess import is_blank, preprocess_array, to_dataset_format
 from fmnist.core.run import Run
 from fmnist.core.runfolder import METRICS
+from fmnist.core.values import is_finite_number
 from fmnist.core.verdict import check_probability, finite_threshold, is_ood, verdict
 
 
@@ -78,8 +78,7 @@ class Predictor:
         test = {k: m.get(k) for k in ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1", "n",
                                       "tta")} if m else None
         for key, value in (test or {}).items():  # what /api/model shows from a file of the run folder
-            if value is not None and (isinstance(value, bool) != (key == "tta") or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
+            if value is not None and not (isinstance(value, bool) if key == "tta" else is_finite_number(value)):
                 raise CheckpointError(f"{self.run.path / METRICS}: {key} must be "
                                       f"{'true or false' if key == 'tta' else 'a finite number'}, got {value!r}")
         return {

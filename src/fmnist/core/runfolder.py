@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import stat
 import tempfile
 from pathlib import Path
 
 from fmnist.core.errors import CheckpointError  # noqa: F401 (re-exported)
+from fmnist.core.values import is_finite_number
 
 # Every file of a run folder, in the order `train --overwrite` removes them (the manifest and model.json first,
 # so that a half-removed run never loads), with what it holds and what writes it. Other files in the folder are kept.
@@ -190,7 +190,7 @@ def jsonable(v):
         return jsonable(v.tolist())
     if isinstance(v, np.generic):
         return jsonable(v.item())
-    if isinstance(v, float) and not math.isfinite(v):
+    if isinstance(v, float) and not is_finite_number(v):
         return None
     return v
 

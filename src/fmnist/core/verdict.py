@@ -3,19 +3,17 @@ calibrated probabilities, with the candidate set (:mod:`fmnist.core.conformal`) 
 rule for a threshold a caller gives."""
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 
 from fmnist.core import conformal
 from fmnist.core.errors import InputError
+from fmnist.core.values import is_finite_number
 
 
 def finite_threshold(value, name: str) -> float:
     """A threshold as a finite real number (not a bool, not a string): NaN would turn its gate off (every
     comparison with NaN is false), and so would an infinite one. An InputError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise InputError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fmnist.core.errors import InputError
+from fmnist.core.values import is_finite_number
 
 if TYPE_CHECKING:
     import torch
@@ -278,7 +279,7 @@ def check_value(key: str, value) -> str | None:
     wrong JSON type, a bool where a number is due, a NaN or an infinity."""
     kinds = _JSON_TYPES[_FIELD_TYPES[key]]
     ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+    if not ok or (isinstance(value, float) and not is_finite_number(value)):
         return f"{key} must be {_FIELD_TYPES[key].replace(' | ', ' or ')}, got {value!r}"
     return None
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +27,7 @@ from fmnist.core.errors import InputError
 from fmnist.core.preprocess import make_spec
 from fmnist.core.run import check_new_run_folder, created_now, remove_run
 from fmnist.core.runfolder import CONFIG, ENV, HISTORY, LAST, SUMMARY, TRAIN_LOG, WEIGHTS, record_complete
+from fmnist.core.values import is_finite_number
 from fmnist.fit import distributed, runtime
 from fmnist.fit.augment import augment_batch, parse_augment
 from fmnist.fit.budget import TimeBudget
@@ -274,7 +274,7 @@ def validate_and_keep(job: Job, st: State, train_row: dict, t_epoch: float) -> t
            "val_loss": float(F.cross_entropy(val_logits, d.y_val)) if has_val else None,
            "val_acc": float((val_logits.argmax(1) == d.y_val).double().mean()) if has_val else None,
            "lr": train_row["lr"], "seconds": time.monotonic() - t_epoch, "elapsed": job.budget.elapsed()}
-    if not all(math.isfinite(row[k]) for k in ("train_loss", "val_loss") if row[k] is not None):
+    if not all(is_finite_number(row[k]) for k in ("train_loss", "val_loss") if row[k] is not None):
         raise TrainingDiverged(f"training diverged at epoch {st.epoch}: loss {row['train_loss']:.4g} (train), "
                                f"{row['val_loss']} (validation); try a lower --lr. The run folder keeps the "
                                "last finite epoch's model and resume state")
@@ -328,12 +328,12 @@ def _count(value) -> bool:
 
 
 def _seconds(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return is_finite_number(value) and value >= 0
 
 
 def _number(value) -> bool:
     """A finite number, or None where training writes one (an epoch that was not validated)."""
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    return value is None or is_finite_number(value)
 
 
 def _history_row(row) -> bool:
@@ -540,7 +540,7 @@ def _end_epoch(job: Job, st: State, train_row: dict, t_epoch: float, say, on_epo
                          "train_acc": train_row["train_acc"], "val_loss": None, "val_acc": None,
                          "lr": train_row["lr"], "seconds": time.monotonic() - t_epoch,
                          "elapsed": job.budget.elapsed()}, False
-        if not math.isfinite(row["train_loss"]):
+        if not is_finite_number(row["train_loss"]):
             raise TrainingDiverged(f"training diverged at epoch {st.epoch}: training loss {row['train_loss']:.4g}; "
                                    "try a lower --lr")
     else:

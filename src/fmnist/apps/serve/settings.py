@@ -7,12 +7,13 @@ Each field is the Python name of a command-line flag (``max_concurrency`` is ``-
 from __future__ import annotations
 
 import ipaddress
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fmnist.core.errors import InputError
 from fmnist.core.images import MAX_DECODE_WORK, MAX_FRAMES, MAX_PIXELS
+from fmnist.core.values import is_finite_number
+from fmnist.core.verdict import check_probability, finite_threshold
 
 #: Host names every server answers to (a server bound to another address answers to that one too).
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -69,10 +70,10 @@ class Settings:
             except ValueError:
                 raise InputError(f"--trusted-proxies takes IP addresses, got {proxy!r}") from None
         object.__setattr__(self, "trusted_proxies", tuple(proxies))
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:  # NaN fails this too
-            raise InputError(f"--threshold must be between 0 and 1, got {self.threshold}")
-        if self.ood_threshold is not None and not math.isfinite(self.ood_threshold):
-            raise InputError(f"--ood-threshold must be a finite number, got {self.ood_threshold}")
+        if self.threshold is not None:
+            check_probability(self.threshold, "--threshold")
+        if self.ood_threshold is not None:
+            finite_threshold(self.ood_threshold, "--ood-threshold")
         from fmnist.core.backends import BACKENDS
 
         if self.backend not in BACKENDS:
@@ -90,7 +91,7 @@ def _flag(name: str) -> str:
 
 
 def _check_positive(value, flag: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not is_finite_number(value) or value <= 0:
         raise InputError(f"{flag} must be a finite number > 0, got {value!r}")
     return float(value)
 

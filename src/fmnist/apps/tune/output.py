@@ -4,12 +4,12 @@ importances and a learning-rate plot (matplotlib, PNGs embedded: nothing fetched
 from __future__ import annotations
 
 import csv
-import math
 import os
 import warnings
 from pathlib import Path
 
 from fmnist.core.runfolder import MODEL_JSON, TUNE_TRIAL, _atomic, write_json
+from fmnist.core.values import is_finite_number
 
 MARKER = TUNE_TRIAL  # written once the storage has a trial's outcome: `fmnist compare` trusts only these
 FIGURES = ("history", "importances", "learning_rate")
@@ -21,7 +21,7 @@ def trial_folder(number: int) -> str:
 
 
 def _finite(v):
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+    return v if is_finite_number(v) else None
 
 
 def record(t) -> dict:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 from dataclasses import dataclass, field
 
 from fmnist.core.errors import InputError
+from fmnist.core.values import is_finite_number
 from fmnist.fit.recipes import DEFAULT_PRESET, PRESETS, TrainConfig, resolve_config
 
 # Options that describe the machine a worker runs on, not the recipe: fixed only, and not part of a study's
@@ -67,7 +67,7 @@ def _number(name: str, kind: type, text) -> int | float:
         value = float(text)
     except (TypeError, ValueError):
         raise InputError(f"{_flag(name)}: {text!r} is not a number") from None
-    if not math.isfinite(value):
+    if not is_finite_number(value):
         raise InputError(f"{_flag(name)}: {text!r} is not a finite number")
     if kind is int:
         if not value.is_integer():

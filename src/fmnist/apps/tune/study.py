@@ -25,6 +25,7 @@ from fmnist.apps.tune.output import trial_folder
 from fmnist.apps.tune.space import Space, suggest
 from fmnist.apps.tune.storage import LOCK_DIR, MAX_RETRY, FileLock, make_lock, open_storage
 from fmnist.core.errors import InputError
+from fmnist.core.values import is_finite_number
 
 SPACE_ATTR = "fmnist_space"
 POLL_SECONDS = 1.0   # how often a worker with nothing to claim looks again while others' trials run
@@ -188,7 +189,7 @@ def next_action(study, n_trials: int) -> str:
 def objective_value(row: dict | None, metric: str) -> float:
     """The trial's figure; a diverged run (NaN) is the worst value, not a failed trial (Optuna fails NaN)."""
     value = None if row is None else row.get(metric)
-    if value is None or not math.isfinite(value):
+    if value is None or not is_finite_number(value):
         return math.inf if metric == "val_loss" else 0.0
     return float(value)
 
