@@ -321,27 +321,57 @@ async def slow_socket(host: str, port: int, body: bool, stop: asyncio.Event, cou
         await asyncio.sleep(1.0)
 
 
-async def load_attacked(host, port, requests, args, mode: str) -> dict:
-    """The ordinary clients' figures while an attacker (another address) runs ``mode``: repost, slow, both."""
-    stop, counts = asyncio.Event(), collections.Counter()
+async def attack(host: str, port: int, mode: str, sockets: int, ready, stop) -> dict:
+    """Run the attacker's ``mode`` (repost, slow, both), ``ready`` set once its uploads are built, until ``stop``
+    (multiprocessing Events) is set."""
+    done, counts = asyncio.Event(), collections.Counter()
     tasks = []
     if mode in ("repost", "both"):
         payloads = [multipart_request(host, port, img) for img in costly_uploads()]
-        tasks += [asyncio.ensure_future(repost(host, port, payloads, stop, counts)) for _ in range(2)]
+        tasks += [asyncio.ensure_future(repost(host, port, payloads, done, counts)) for _ in range(2)]
     if mode in ("slow", "both"):
-        n = args.attacker_sockets
-        tasks += [asyncio.ensure_future(slow_socket(host, port, i % 4 == 0, stop, counts)) for i in range(n)]
+        tasks += [asyncio.ensure_future(slow_socket(host, port, i % 4 == 0, done, counts)) for i in range(sockets)]
+    ready.set()
+    while not stop.is_set():
+        await asyncio.sleep(0.1)
+    done.set()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return dict(counts)
+
+
+def _attacker_main(host, port, mode, sockets, ready, stop, results) -> None:
+    results.put(asyncio.run(attack(host, port, mode, sockets, ready, stop)))
+
+
+async def load_attacked(host, port, requests, args, mode: str) -> dict:
+    """The ordinary clients' figures while an attacker (another address) runs ``mode``: repost, slow, both.
+
+    The attacker runs in a process of its own, as it would on its own machine: in the ordinary clients'
+    event loop its writes and 300 sockets would slow the measuring client, not only the server."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    attacker = ctx.Process(target=_attacker_main, daemon=True,
+                           args=(host, port, mode, args.attacker_sockets, ready, stop, results))
+    attacker.start()
+    if not await asyncio.get_running_loop().run_in_executor(None, ready.wait, 120):
+        raise SystemExit("the attacker process did not start")
     await asyncio.sleep(3)  # the attack in place before the ordinary clients start
     try:
         result = await load(host, port, requests, args.requests, args.concurrency, args.warmup, args.time_limit,
                             args.timeout)
     finally:
         stop.set()
-        await asyncio.sleep(0)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    result["attacker"] = dict(counts)
+        try:
+            counts = await asyncio.get_running_loop().run_in_executor(None, functools.partial(results.get,
+                                                                                              timeout=60))
+        except Exception as e:  # noqa: BLE001 - queue.Empty, or the attacker process died
+            counts = {"attacker failed": repr(e)}
+        attacker.join(10)
+    result["attacker"] = counts
     return result
 
 
