@@ -205,7 +205,7 @@ def test_report_of_a_run_without_candidate_sets_says_so(run_copy, synthetic_data
 def test_report_shows_calibration_ood_and_saved_metrics_when_present(run_copy, synthetic_data):
     meta = read_json(run_copy / "model.json")
     meta["calibration"] = {"temperature": 1.7, "ece_before": 0.081, "ece_after": 0.012}
-    meta["ood"] = {"method": "energy", "threshold": -4.25}
+    meta["ood"] = {**meta["ood"], "threshold": -4.25}  # a fitted detector's section (its parts include energy)
     write_json(run_copy / "model.json", meta)
     n = len(synthetic_data.test_labels)
     write_json(run_copy / "metrics.json", {"n": n, "tta": meta["tta"], "accuracy": 0.5, "accuracy_no_tta": 0.4321})
