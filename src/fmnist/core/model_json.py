@@ -19,13 +19,12 @@ only the current one.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist.core.conformal import validate_params
 from fmnist.core.runfolder import CheckpointError
-from fmnist.core.values import is_finite_number
+from fmnist.core.values import is_count, is_finite_number
 
 MODEL_FORMAT = "fmnist-model/1"
 OOD_FORMAT = "fmnist-ood/1"
@@ -105,7 +104,7 @@ def read(meta, where: Path) -> ModelJson:
         onnx=_onnx(meta.get("onnx"), where),
         metrics=meta.get("metrics") or {}, recipe=meta.get("recipe") or {},
         best_epoch=_count_or_none(meta.get("best_epoch"), "best_epoch", where),
-        select=meta.get("select", "") if isinstance(meta.get("select", ""), str) else _bad("select", meta, where),
+        select=_text(meta.get("select", ""), "select", where),
         parameters=_count_or_none(meta.get("parameters"), "parameters", where),
     )
 
@@ -218,10 +217,12 @@ def _flag(value, what: str, where: Path) -> bool:
 
 
 def _count_or_none(value, what: str, where: Path) -> int | None:
-    if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0):
+    if value is None or is_count(value):
         return value
     raise CheckpointError(f"{where}: {what} must be a whole number >= 0, got {value!r}")
 
 
-def _bad(key: str, meta: dict, where: Path):
-    raise CheckpointError(f"{where}: {key} must be a string, got {meta[key]!r}")
+def _text(value, what: str, where: Path) -> str:
+    if not isinstance(value, str):
+        raise CheckpointError(f"{where}: {what} must be a string, got {value!r}")
+    return value

@@ -27,7 +27,7 @@ from fmnist.core.errors import InputError
 from fmnist.core.preprocess import make_spec
 from fmnist.core.run import check_new_run_folder, created_now, remove_run
 from fmnist.core.runfolder import CONFIG, ENV, HISTORY, LAST, SUMMARY, TRAIN_LOG, WEIGHTS, record_complete
-from fmnist.core.values import is_finite_number
+from fmnist.core.values import is_count, is_finite_number
 from fmnist.fit import distributed, runtime
 from fmnist.fit.augment import augment_batch, parse_augment
 from fmnist.fit.budget import TimeBudget
@@ -314,17 +314,13 @@ def read_resume(out: Path) -> dict:
     missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
     if missing:
         raise CheckpointError(f"{path} is not a resume state of this fmnist: it lacks {', '.join(missing)}")
-    ok = (_count(state["epoch"]) and _count(state["step"]) and _seconds(state["elapsed"])
+    ok = (is_count(state["epoch"]) and is_count(state["step"]) and _seconds(state["elapsed"])
           and isinstance(state["history"], list) and len(state["history"]) == state["epoch"]
           and all(_history_row(row) for row in state["history"]) and _best(state["best"], state["epoch"]))
     if not ok:
         raise CheckpointError(f"{path} is not a resume state of this fmnist: its epoch, step, elapsed time, "
                               "history or best epoch are not what training writes")
     return state
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _seconds(value) -> bool:
@@ -337,11 +333,11 @@ def _number(value) -> bool:
 
 
 def _history_row(row) -> bool:
-    return isinstance(row, dict) and _count(row.get("epoch")) and all(_number(v) for v in row.values())
+    return isinstance(row, dict) and is_count(row.get("epoch")) and all(_number(v) for v in row.values())
 
 
 def _best(best, epochs: int) -> bool:
-    return (isinstance(best, dict) and _count(best.get("epoch")) and best["epoch"] <= epochs
+    return (isinstance(best, dict) and is_count(best.get("epoch")) and best["epoch"] <= epochs
             and _number(best.get("value")))
 
 
