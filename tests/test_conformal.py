@@ -25,25 +25,57 @@ def coverage_and_size(params, probs, labels) -> tuple[float, float]:
     return m["coverage"], m["mean_size"]
 
 
+@pytest.mark.parametrize("margin", [0.0, C.SHIFT_MARGIN])
 @pytest.mark.parametrize("method", ["raps", "aps"])
 @pytest.mark.parametrize("sharpness", [2.5, 5.0])
-def test_coverage_on_held_out_data_is_the_target(method, sharpness):
+def test_coverage_on_held_out_data_is_the_fitted_level(method, sharpness, margin):
     # Top-1 accuracy 84 % and 93 %, both under the target: the deterministic sets must then be near exact,
-    # neither under-covering (a broken quantile) nor over-covering (a wasteful score such as U = 1).
+    # neither under-covering (a broken quantile) nor over-covering (a wasteful score such as U = 1). On
+    # exchangeable data the margin for harder new images shows as coverage above the target, at fit_level.
+    level = C.fit_level(TARGET, margin)
     covs = []
     for seed in range(4):
         pc, yc, pt, yt = cal_test(sharpness, seed)
-        params = C.fit(pc, yc, TARGET, method)
+        params = C.fit(pc, yc, TARGET, method, margin=margin)
+        assert params["coverage"] == TARGET and params["fit_level"] == pytest.approx(level)
         cov, _ = coverage_and_size(params, pt, yt)
-        assert abs(cov - TARGET) <= 3 * SD, (seed, cov)
+        assert abs(cov - level) <= 3 * SD, (seed, cov)
         covs.append(cov)
-    assert abs(np.mean(covs) - TARGET) <= 3 * SD / math.sqrt(len(covs)), covs
+    assert abs(np.mean(covs) - level) <= 3 * SD / math.sqrt(len(covs)), covs
+
+
+def test_the_margin_covers_new_images_harder_than_the_calibration_ones():
+    # Calibration images from a sharper classifier than the new ones (validation easier than the test set, as
+    # on Fashion-MNIST): the plain quantile under-covers the new images, the default margin reaches the target.
+    covs = {}
+    for margin in (0.0, C.SHIFT_MARGIN):
+        runs = []
+        for seed in range(4):
+            pc, yc = C.synthetic(N_CAL, 5.0, 100 + seed)
+            pt, yt = C.synthetic(N_TEST, 4.6, 200 + seed)
+            runs.append(coverage_and_size(C.fit(pc, yc, TARGET, margin=margin), pt, yt)[0])
+        covs[margin] = np.mean(runs)
+    assert covs[0.0] < TARGET <= covs[C.SHIFT_MARGIN], covs
+    assert C.fit_level(0.95) == pytest.approx(0.956) and C.fit_level(0.9, 0) == pytest.approx(0.9)
+    for bad in (-0.1, 1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="margin"):
+            C.fit_level(0.95, bad)
+
+
+def test_parameters_fitted_before_the_margin_still_load_and_a_wrong_level_is_refused():
+    pc, yc = C.synthetic(N_CAL, 5.0, 0)
+    params = C.fit(pc, yc)
+    old = {k: v for k, v in params.items() if k != "fit_level"}
+    assert (C.candidate_sets(pc, old) == C.candidate_sets(pc, params)).all()
+    for bad in (0.9, 1.0, "0.96", None):
+        with pytest.raises(ValueError, match="fit_level"):
+            C.validate_params({**params, "fit_level": bad})
 
 
 def test_other_targets_are_met_too():
     pc, yc, pt, yt = cal_test(2.5, 7)  # 84 % top-1 accuracy
     for target in (0.9, 0.97, 0.99):
-        cov, _ = coverage_and_size(C.fit(pc, yc, target), pt, yt)
+        cov, _ = coverage_and_size(C.fit(pc, yc, target, margin=0), pt, yt)
         sd = math.sqrt(target * (1 - target) * (1 / N_TEST + 1 / (N_CAL + 1)))
         assert abs(cov - target) <= 3 * sd, (target, cov)
     # Under the accuracy, the sets are the top label alone and over-cover: no deterministic set can do less.

@@ -110,7 +110,7 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
                             target_accept=target_accept, parts=parts, seed=seed, val_logits=va_logits,
                             train_logits=tr_logits, outliers=outliers)
     sets = None  # candidate sets, on the calibrated probabilities as served; too few images give no guarantee
-    if len(va_labels) >= conformal.min_calibration_size(coverage):
+    if len(va_labels) >= conformal.min_calibration_size(conformal.fit_level(coverage)):
         sets = conformal.fit(probabilities(va_logits.numpy(), calibration["temperature"]), va_labels.numpy(),
                              coverage)
     # The run is incomplete from the first write (the detector) until the manifest, written last.
