@@ -365,3 +365,43 @@ def test_ood_eval_refuses_a_run_without_detector(tmp_path, trained_run, idx_dir,
     (run / "ood.safetensors").unlink()
     code = main(["ood-eval", str(run), "--data-dir", str(idx_dir), "--no-verify", "--n", "5"])
     assert code == 2 and "fmnist calibrate" in capsys.readouterr().err
+
+
+def test_a_family_left_out_of_the_procedural_drawing_is_not_drawn_at_all():
+    from fmnist.fit.trust.outliers import FAMILIES, drawn
+
+    images, kinds = drawn(50, 5)
+    assert set(kinds) == set(FAMILIES) and len(images) == len(kinds) == 50
+    for family in FAMILIES:
+        rest = tuple(f for f in FAMILIES if f != family)
+        left_images, left_kinds = drawn(50, 5, rest)
+        assert family not in left_kinds and set(left_kinds) == set(rest)
+        # none of the left-out family's pictures slips in under another name
+        ours = images[np.array(kinds) == family]
+        assert not any((left_images == img).all((1, 2)).any() for img in ours)
+    with pytest.raises(ValueError, match="famil"):
+        procedural(10, 0, families=("fractal", "horses"))
+    with pytest.raises(ValueError, match="famil"):
+        procedural(10, 0, families=())
+
+
+def test_every_leave_out_fit_lacks_the_families_of_what_it_is_measured_on():
+    from fmnist.fit.trust import leave_out
+    from fmnist.fit.trust.eval_sets import SETS
+    from fmnist.fit.trust.outliers import FAMILIES
+
+    leave_out.check_complete()
+    steps = leave_out.plan()
+    measured = {s for step in steps for s in step["sets"]}
+    # every set that some family imitates is measured by a fit without all of its imitators
+    assert measured == {s for s, by in leave_out.IMITATED_BY.items() if by}
+    assert {f for step in steps for f in step["draws"]} == set(FAMILIES)
+    for step in steps:
+        assert not set(step["left_out"]) & set(step["fit_families"])
+        assert set(step["left_out"]) | set(step["fit_families"]) == set(FAMILIES)
+        for name in step["sets"]:
+            assert name in SETS and set(leave_out.IMITATED_BY[name]) <= set(step["left_out"])
+    # with fewer families in the fit, groups that need a missing family are skipped, never fitted with it
+    old = leave_out.plan(("fractal", "plain", "dead-leaves"))
+    assert all(set(s["fit_families"]) <= {"fractal", "plain", "dead-leaves"} for s in old)
+    assert not any("strokes" in s["left_out"] for s in old)

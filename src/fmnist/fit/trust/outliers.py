@@ -1,8 +1,9 @@
 """Procedural non-garments: the negative examples of the OOD detector's ``outlier`` score (outlier exposure).
 
 A detector fitted on garments alone never sees what it must refuse. These images give it that, without using
-any real picture: they are drawn from three simple models of what natural images are made of, so they stand
-for the photos, faces and scenes that users send by mistake, not for any particular set:
+any real picture. Five families (:data:`FAMILIES`); the first three are simple models of what natural images are
+made of, so they stand for the photos, faces and scenes that users send by mistake, not for any particular set;
+the last two stand for drawings and objects on a plain ground:
 
 - **1/f noise**: natural images have power spectra falling as 1/f^a with a between about 1 and 3 (textures,
   foliage, stone, skin), here with a drawn at random;
@@ -10,7 +11,14 @@ for the photos, faces and scenes that users send by mistake, not for any particu
 - **dead leaves**: occluding discs and rectangles of random grey levels, the classic model of scenes made of
   objects in front of one another;
 
-the first two often cut out by a random ellipse, rectangle or star-shaped polygon on a random background.
+- **strokes**: 1-4 pen strokes, smooth random curves of random width, light on dark or dark on light (writing,
+  marks, line drawings);
+- **blobs**: one or a few filled, smoothly outlined shapes of random outline in one grey level on a plain
+  ground (objects seen as a silhouette);
+
+1/f noise and plain surfaces often cut out by a random ellipse, rectangle or star-shaped polygon on a random
+background. Each family can be left out of a fit (``procedural(..., families=...)``): that is how
+``benchmarks/ood_leave_out.py`` measures what the detector does on a kind of input it never saw.
 Each picture is drawn at a random size and sent through :func:`~fmnist.core.preprocess.to_dataset_format`, the
 function every upload goes through (inverted, cropped to the object, stretched), so the detector learns from
 what the model would actually see; pictures that come out blank (refused anyway) are dropped.
@@ -22,6 +30,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from PIL import Image
 
 from fmnist.core.preprocess import is_blank, to_dataset_format
 
@@ -83,36 +92,92 @@ def shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.hypot(yy - cy, xx - cx) < edge
 
 
-def picture(rng: np.random.Generator, kind: int) -> np.ndarray:
-    """One picture in [0, 1] of a random size: kind 0-1 1/f noise, 2 a plain surface, 3 dead leaves."""
+def strokes(rng: np.random.Generator, size: int) -> np.ndarray:
+    """1-4 smooth pen strokes (a random walk of slowly turning direction), each 3-14 % of the size wide."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    ink = np.zeros((size, size), bool)
+    for _ in range(int(rng.integers(1, 5))):
+        p = rng.uniform(0.2, 0.8, 2)
+        heading, turn = rng.uniform(0, 2 * np.pi), rng.normal(0, 0.5)
+        width = rng.uniform(0.015, 0.07)
+        for _ in range(int(rng.integers(10, 40))):
+            heading += turn + rng.normal(0, 0.3)
+            p = np.clip(p + 0.03 * np.array([np.sin(heading), np.cos(heading)]), 0.05, 0.95)
+            ink |= (yy - p[0]) ** 2 + (xx - p[1]) ** 2 < width * width
+    pen, paper = rng.uniform(0.7, 1), rng.uniform(0, 0.3)
+    return np.where(ink, pen, paper) if rng.random() < 0.5 else np.where(ink, paper, pen)
+
+
+def blobs(rng: np.random.Generator, size: int) -> np.ndarray:
+    """1-3 filled shapes with smooth random outlines (low-frequency noise thresholded), one grey each."""
+    img = np.full((size, size), rng.uniform(0, 1))
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for _ in range(int(rng.integers(1, 4))):
+        cy, cx = rng.uniform(0.3, 0.7, 2)
+        radius = rng.uniform(0.15, 0.45)
+        wobble = _smooth_field(rng, size)  # outlines of random detail, smooth at the pixel scale
+        level = np.hypot(yy - cy, xx - cx) / radius + rng.uniform(0.3, 1.2) * (wobble - 0.5)
+        img[level < 1] = rng.uniform(0, 1)
+    return img
+
+
+def _smooth_field(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth random field in [0, 1]: coarse noise (4-10 cells a side) upsampled bicubically."""
+    cells = int(rng.integers(4, 11))
+    coarse = Image.fromarray(rng.uniform(0, 1, (cells, cells)).astype(np.float32), mode="F")
+    field = np.asarray(coarse.resize((size, size), Image.BICUBIC))
+    return (field - field.min()) / (np.ptp(field) + 1e-9)
+
+
+FAMILIES = ("fractal", "plain", "dead-leaves", "strokes", "blobs")
+
+
+def picture(rng: np.random.Generator, family: str) -> np.ndarray:
+    """One picture in [0, 1] of a random size from one of :data:`FAMILIES`."""
     size = int(rng.choice(SIZES))
-    if kind == 3:
+    if family == "dead-leaves":
         img = dead_leaves(rng, size)
         if rng.random() < 0.5:
             img = 0.7 * img + 0.3 * fractal(rng, size)
+    elif family == "strokes":
+        img = strokes(rng, size)
+    elif family == "blobs":
+        img = blobs(rng, size)
     else:
-        img = plain(rng, size) if kind == 2 else fractal(rng, size)
+        img = plain(rng, size) if family == "plain" else fractal(rng, size)
         if rng.random() < 0.7:  # an object on a background, rather than a texture filling the frame
             img = np.where(shape_mask(rng, size), img, rng.uniform(0, 1) * rng.uniform(0, 1))
     # a plain surface keeps its faint contrast; the others span the whole range before a random gain and offset
-    img = img / img.max() if kind == 2 else (img - img.min()) / (np.ptp(img) + 1e-9)
+    img = img / img.max() if family == "plain" else (img - img.min()) / (np.ptp(img) + 1e-9)
     return np.clip(img * rng.uniform(0.3, 1) + rng.uniform(0, 0.3), 0, 1)
 
 
-def procedural(n: int = COUNT, seed: int = 0) -> np.ndarray:
+def procedural(n: int = COUNT, seed: int = 0, families=FAMILIES) -> np.ndarray:
     """``n`` non-garments as uint8 (n, 28, 28) images in the data set's format, none blank; repeatable by seed.
+    The named ``families`` take turns (so each gives about n / len(families) images).
 
     A fresh copy of a drawing kept for the next call with the same arguments (drawing 2,000 takes about 1.6 s on
     a 2-core CPU; a tuning study fits one detector per trial)."""
-    return _drawn(int(n), int(seed)).copy()
+    return drawn(n, seed, families)[0].copy()
 
 
-@functools.lru_cache(maxsize=4)
-def _drawn(n: int, seed: int) -> np.ndarray:
+def drawn(n: int, seed: int = 0, families=FAMILIES) -> tuple[np.ndarray, tuple[str, ...]]:
+    """:func:`procedural`'s images (kept: do not change them) and the family of each."""
+    families = tuple(families)
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown or not families:
+        raise ValueError(f"unknown procedural famil(ies) {unknown or '(none given)'}; choose from {FAMILIES}")
+    return _drawn(int(n), int(seed), families)
+
+
+@functools.lru_cache(maxsize=8)
+def _drawn(n: int, seed: int, families: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
     rng = np.random.default_rng([seed, 0x0D])
-    out = []
+    out, kinds = [], []
     while len(out) < n:
-        img = to_dataset_format(np.rint(picture(rng, len(out) % 4) * 255).astype(np.uint8))
+        family = families[len(out) % len(families)]
+        img = to_dataset_format(np.rint(picture(rng, family) * 255).astype(np.uint8))
         if not is_blank(img):
             out.append(img)
-    return np.stack(out) if out else np.zeros((0, 28, 28), np.uint8)
+            kinds.append(family)
+    return (np.stack(out) if out else np.zeros((0, 28, 28), np.uint8)), tuple(kinds)
