@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from fmnist.core.preprocess import to_dataset_format
+from fmnist.core.predict import Predictor
 from fmnist.core.run import Run
 from fmnist.fit import runtime
 from fmnist.fit.data import load_fashion_mnist, split_indices
@@ -27,7 +27,7 @@ from fmnist.fit.trust import eval_sets, leave_out
 from fmnist.fit.trust.fit import FIT_SIZE, run_outputs, stratified_sample
 from fmnist.fit.trust.metrics import auroc
 from fmnist.fit.trust.ood_fit import fit_detector
-from fmnist.fit.trust.outliers import COUNT, FAMILIES, drawn
+from fmnist.fit.trust.outliers import COUNT, FAMILIES, drawn, procedural
 
 
 def main(argv=None) -> int:
@@ -44,72 +44,91 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     runtime.setup(None, "cpu")
     run = Run.load(args.run, detector=False)
-    backend = run.backend("torch", "cpu")
-    data = load_fashion_mnist(args.data_dir, download=False)
-    train_idx, val_idx = split_indices(data.train_labels, run.config)
-    train_idx = train_idx[stratified_sample(data.train_labels[train_idx], FIT_SIZE, 0)]
-    labels = data.train_labels[train_idx]
-    train, val = run_outputs(run, backend, data.train_images[train_idx]), run_outputs(run, backend, data.train_images[val_idx])
-
-    def outputs(images):
-        return run_outputs(run, backend, torch.from_numpy(np.stack([to_dataset_format(np.asarray(i)) for i in images])))
-
-    def fit(fit_families):
-        outliers = run_outputs(run, backend, torch.from_numpy(drawn(COUNT, 0, fit_families)[0].copy()))
-        return fit_detector(train[0], labels, train[2], val[0], val[2], len(run.class_names), val_logits=val[1],
-                            train_logits=train[1], outliers=outliers)
-
-    test = outputs(data.test_images.numpy())
-    measured = {}
-    for name in eval_sets.SETS:
-        try:
-            measured[name] = outputs(eval_sets.build(name, args.n, data.test_images.numpy(), seed=args.seed))
-        except eval_sets.MissingExtra as e:
-            print(f"skipped {name}: {e}")
-    fresh, kinds = drawn(args.n * len(FAMILIES), args.seed + 1000)  # never the fits' seed
-    for f in FAMILIES:
-        measured[f"procedural: {f}"] = outputs(fresh[np.array(kinds) == f][:args.n])
-
-    def figures(det, name):
-        genuine, other = det.score(test[0], test[2], test[1]), det.score(*_fpl(measured[name]))
-        return {"refused": float(np.mean(~(other <= det.threshold))),
-                "auroc": auroc(torch.from_numpy(genuine), torch.from_numpy(other))}
-
-    all_in = fit(families)
-    genuine_pass = float(np.mean(all_in.score(test[0], test[2], test[1]) <= all_in.threshold))
-    rows = {name: {"all_in": figures(all_in, name)} for name in measured}
+    bench = Bench(run, load_fashion_mnist(args.data_dir, download=False))
+    measured = bench.measured_sets(args.n, args.seed)
+    all_in = bench.fit(families)
+    test_pass = float(np.mean(bench.score(all_in, bench.test) <= all_in.threshold))
+    rows = {name: {"all_in": bench.figures(all_in, out)} for name, out in measured.items()}
     for step in leave_out.plan(families):
-        det = fit(step["fit_families"])
-        for name in list(step["sets"]) + [f"procedural: {f}" for f in step["draws"]]:
-            rows[name].setdefault("left_out", []).append({"without": step["left_out"], **figures(det, name)})
-
+        det = bench.fit(step["fit_families"])
+        for name in list(step["sets"]) + [f"procedural: {f}" for f in step["left_out"]]:
+            rows[name].setdefault("left_out", []).append({"without": step["left_out"],
+                                                           **bench.figures(det, measured[name])})
     print(f"\n{args.run} ({run.model_name}): all-in fit on {', '.join(families)}; official test images through "
-          f"the OOD gate {100 * genuine_pass:.1f} %")
-    print("| set | all-in: refused (AUROC) | left out: refused (AUROC), the worst fit | fitted without |\n"
-          "|---|---|---|---|")
-    worst_in, worst_out = None, None
-    for name, r in rows.items():
-        a = r["all_in"]
-        worst_in = min(worst_in or (a["refused"], name), (a["refused"], name))
-        cell, without = "as all-in (nothing in the fit imitates it)", "-"
-        if "left_out" in r:
-            w = min(r["left_out"], key=lambda x: x["refused"])
-            cell, without = f"{100 * w['refused']:.1f} % ({w['auroc']:.3f})", " + ".join(w["without"])
-            worst_out = min(worst_out or (w["refused"], name), (w["refused"], name))
-        elif not name.startswith("procedural"):
-            worst_out = min(worst_out or (a["refused"], name), (a["refused"], name))
-        print(f"| {name} | {100 * a['refused']:.1f} % ({a['auroc']:.3f}) | {cell} | {without} |")
-    print(f"worst all-in: {worst_in[1]} {100 * worst_in[0]:.1f} %; worst left-out: {worst_out[1]} "
-          f"{100 * worst_out[0]:.1f} %  ({time.perf_counter() - started:.0f} s)")
+          f"the OOD gate {100 * test_pass:.1f} %")
+    print_table(rows)
+    print(f"({time.perf_counter() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"run": args.run, "families": families, "test_pass": genuine_pass, "sets": rows}, f, indent=1)
+            json.dump({"run": args.run, "families": families, "test_pass": test_pass, "sets": rows}, f, indent=1)
     return 0
 
 
-def _fpl(out):
-    """(features, pixels, logits) in Detector.score's order from run_outputs' (features, logits, pixels)."""
-    return out[0], out[2], out[1]
+class Bench:
+    """The run's model and split, its outputs computed once, and detectors fitted on them as the trust fit does."""
+
+    def __init__(self, run, data):
+        self.run, self.data = run, data
+        self.backend = run.backend("torch", "cpu")
+        train_idx, val_idx = split_indices(data.train_labels, run.config)
+        train_idx = train_idx[stratified_sample(data.train_labels[train_idx], FIT_SIZE, 0)]
+        self.labels = data.train_labels[train_idx]
+        self.train = run_outputs(run, self.backend, data.train_images[train_idx])
+        self.val = run_outputs(run, self.backend, data.train_images[val_idx])
+        self.test = self.outputs(data.test_images.numpy())
+
+    def outputs(self, images):
+        """(features, logits, pixels) of images prepared as the Predictor prepares them."""
+        prepared = np.stack([Predictor.to_image28(np.asarray(i)) for i in images])
+        return run_outputs(self.run, self.backend, torch.from_numpy(prepared))
+
+    def measured_sets(self, n: int, seed: int) -> dict:
+        """Outputs of every ood-eval set and of fresh draws of each family (never the fits' seed)."""
+        out = {}
+        for name in eval_sets.SETS:
+            try:
+                out[name] = self.outputs(eval_sets.build(name, n, self.data.test_images.numpy(), seed=seed))
+            except eval_sets.MissingExtra as e:
+                print(f"skipped {name}: {e}")
+        fresh, kinds = drawn(n * len(FAMILIES), seed + 1000)
+        for f in FAMILIES:
+            out[f"procedural: {f}"] = self.outputs(fresh[np.array(kinds) == f][:n])
+        return out
+
+    def fit(self, fit_families):
+        (tf, tl, tp), (vf, vl, vp) = self.train, self.val
+        outliers = run_outputs(self.run, self.backend, torch.from_numpy(procedural(COUNT, 0, fit_families)))
+        return fit_detector(tf, self.labels, tp, vf, vp, len(self.run.class_names), val_logits=vl,
+                            train_logits=tl, outliers=outliers)
+
+    @staticmethod
+    def score(det, out):
+        feats, logits, pixels = out
+        return det.score(feats, pixels, logits)
+
+    def figures(self, det, out) -> dict:
+        genuine, other = self.score(det, self.test), self.score(det, out)
+        return {"refused": float(np.mean(~(other <= det.threshold))),  # NaN counts as refused
+                "auroc": auroc(torch.from_numpy(genuine), torch.from_numpy(other))}
+
+
+def print_table(rows: dict) -> None:
+    """One line per set, then the worst all-in set and the worst left-out ood-eval set."""
+    print("| set | all-in: refused (AUROC) | left out: refused (AUROC), the worst fit | fitted without |\n"
+          "|---|---|---|---|")
+    worst_in, worst_out = [], []
+    for name, r in rows.items():
+        a = r["all_in"]
+        worst_in.append((a["refused"], name))
+        cell, without, left = "as all-in (nothing in the fit imitates it)", "-", a
+        if "left_out" in r:
+            left = min(r["left_out"], key=lambda x: x["refused"])
+            cell, without = f"{100 * left['refused']:.1f} % ({left['auroc']:.3f})", " + ".join(left["without"])
+        if "left_out" in r or not name.startswith("procedural"):
+            worst_out.append((left["refused"], name))
+        print(f"| {name} | {100 * a['refused']:.1f} % ({a['auroc']:.3f}) | {cell} | {without} |")
+    (wi, ni), (wo, no) = min(worst_in), min(worst_out)
+    print(f"worst all-in: {ni} {100 * wi:.1f} %; worst left-out: {no} {100 * wo:.1f} %")
 
 
 if __name__ == "__main__":

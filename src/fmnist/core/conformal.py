@@ -193,7 +193,7 @@ def fit_level(coverage: float, margin: float = SHIFT_MARGIN) -> float:
     """The coverage qhat is fitted at on the calibration images, for ``coverage`` on new ones: their miscoverage
     cut by the share ``margin`` (see :data:`SHIFT_MARGIN`); 0 fits at ``coverage`` itself."""
     coverage = _check_coverage(coverage)
-    if isinstance(margin, bool) or not is_finite_number(margin) or not 0 <= margin < 1:
+    if not is_finite_number(margin) or not 0 <= margin < 1:
         raise InputError(f"the coverage margin must be a number in [0, 1), got {margin!r}")
     return 1 - (1 - coverage) * (1 - float(margin))
 
