@@ -83,3 +83,35 @@ def test_tensorboard_elsewhere_and_missing_package(tmp_path, capsys, idx_dir, mo
     err = capsys.readouterr().err
     assert "--tensorboard needs TensorBoard" in err and "[tensorboard]" in err
     assert not (tmp_path / "r").exists() and not (tmp_path / "tb").exists()
+
+
+@pytest.mark.slow
+def test_tune_trials_in_tensorboard(tmp_path, capsys, idx_dir):
+    """Each trial its own folder of scalars and figures, and a row of the HParams view: its parameter, outcome."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("optuna")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    assert main(["tune", "--model", "seed-b-mlp", "--lr", "1e-2,1e-3", "--sampler", "grid", "--study", "s",
+                 "--metric", "val_acc", "--out", str(tmp_path / "tune"), "--subset", "300", "--val-size", "100",
+                 "--epochs", "2", "--time-budget", "0", "--threads", "1", "--data-dir", str(idx_dir), "--no-verify",
+                 "--tensorboard"]) == 0
+    logdir = tmp_path / "tune" / "s" / "tensorboard"
+    assert sorted(p.name for p in logdir.iterdir()) == ["trial-0000", "trial-0001"]
+    lrs = set()
+    for trial in logdir.iterdir():
+        acc = EventAccumulator(str(trial), size_guidance={"images": 0}).Reload()
+        tags = acc.Tags()
+        assert [e.step for e in acc.Scalars("accuracy/validation")] == [1, 2]  # trials validate every epoch
+        assert "validation/confusion_matrix" in tags["images"]
+        assert [e.value for e in acc.Scalars("hparam/val_acc")] == [acc.Scalars("accuracy/validation")[-1].value]
+        infos = [v.metadata.plugin_data.content for f in trial.glob("events.out.tfevents.*")
+                 for e in LegacyEventFileLoader(str(f)).Load() for v in e.summary.value
+                 if v.tag == "_hparams_/session_start_info"]
+        assert len(infos) == 1  # one HParams row per trial
+        info = plugin_data_pb2.HParamsPluginData.FromString(infos[0]).session_start_info
+        lrs.add(info.hparams["lr"].number_value)
+    assert lrs == {1e-2, 1e-3}

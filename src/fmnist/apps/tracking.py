@@ -15,14 +15,23 @@ from fmnist.core.runfolder import CONFIG, read_json
 INSTALL = "pip install -e '.[tensorboard]' (tensorboard, matplotlib)"
 
 
+def summary_writer():
+    """TensorBoard's SummaryWriter class; one clear error without the extra (checked before any training)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError(f"--tensorboard needs TensorBoard: {INSTALL}") from None
+    return SummaryWriter
+
+
 class TensorBoard:
-    """An ``on_epoch_end`` callback of :func:`fmnist.fit.train.train` that writes scalars, and ``finish``."""
+    """An ``on_epoch_end`` callback of :func:`fmnist.fit.train.train` that writes scalars, and ``finish``.
+
+    ``fmnist tune --tensorboard`` gives each trial one (a folder per trial) and adds the trial's parameters and
+    outcome to TensorBoard's HParams view."""
 
     def __init__(self, logdir, run_dir):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise InputError(f"--tensorboard needs TensorBoard: {INSTALL}") from None
+        SummaryWriter = summary_writer()
         self.logdir, self.run_dir = Path(logdir), Path(run_dir)
         self._writer_class, self._writer = SummaryWriter, None  # created with the first epoch: nothing before
         self.batch_size = None
@@ -58,8 +67,9 @@ class TensorBoard:
         epoch = row.get("epoch") or 1
         return row.get("step", 0) // epoch
 
-    def finish(self, data) -> None:
-        """The kept model's confusion matrix and reliability diagram on the validation split."""
+    def finish(self, data, hparams: dict | None = None, outcome: dict | None = None) -> None:
+        """The kept model's confusion matrix and reliability diagram on the validation split; with ``hparams``
+        (a tune trial's parameters) and ``outcome`` (its figures), a row of the HParams view."""
         from fmnist.apps.report import calibration_bins
         from fmnist.apps.report import figures as figs
         from fmnist.core.forward import probabilities
@@ -86,4 +96,15 @@ class TensorBoard:
             self.writer.add_scalar("validation/ece_calibrated", ece, step)
             self.writer.add_scalar("validation/accuracy_kept", float((logits.argmax(1) == labels).double().mean()),
                                    step)
+        if hparams is not None:
+            self.add_hparams(hparams, outcome or {})
         self.writer.close()
+
+    def add_hparams(self, hparams: dict, outcome: dict) -> None:
+        """One HParams row in this folder (run_name "."), values as TensorBoard takes them (numbers, text)."""
+        plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+        self.writer.add_hparams(plain, {f"hparam/{k}": float(v) for k, v in outcome.items()}, run_name=".")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -24,6 +24,7 @@ import numpy as np
 
 from fmnist.core.errors import FmnistError, InputError
 from fmnist.core.preprocess import preprocess_array
+from fmnist.core.progress import Bar, interactive
 
 if TYPE_CHECKING:
     import torch
@@ -195,20 +196,11 @@ def find_data_dir(data_dir=None, download: bool = True, files: dict | None = Non
     return CACHE_DIR
 
 
-def _tty_bar(name: str, done: int, total: int | None) -> None:
-    if total:
-        frac = done / total
-        sys.stderr.write(f"\r{name}.gz [{'#' * int(frac * 30):<30}] {frac:4.0%} of {total / 1e6:.1f} MB")
-    else:
-        sys.stderr.write(f"\r{name}.gz {done / 1e6:.1f} MB")
-    sys.stderr.flush()
-
-
 def download(dest_dir, mirror: str | None = None, names=None, progress=None,
              files: dict | None = None) -> None:
     """Fetch ``NAME.gz`` for every missing file into ``dest_dir``, verified and atomically renamed.
 
-    ``progress``: None = a bar on a terminal, else one line on stderr; False = silent;
+    ``progress``: None = a tqdm bar per file on a terminal, else one line on stderr; False = silent;
     or a callable ``(name, bytes_done, bytes_total_or_None)``.
     """
     files = files or FILES
@@ -224,11 +216,11 @@ def download(dest_dir, mirror: str | None = None, names=None, progress=None,
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _fail(f"Cannot create download folder {dest} ({exc}).") from None
-    bar = progress is None and sys.stderr.isatty()
+    bar = progress is None and interactive()
     if progress is None and not bar:
         print(f"fmnist: downloading {len(todo)} Fashion-MNIST file(s) from {mirror} into {dest}",
               file=sys.stderr)
-    report = _tty_bar if bar else (progress if callable(progress) else None)
+    report = progress if callable(progress) else None
     for name in todo:
         url = f"{mirror}{name}.gz"
         # Temp file in the destination folder so os.replace is an atomic same-filesystem rename: a crash or a
@@ -240,16 +232,15 @@ def download(dest_dir, mirror: str | None = None, names=None, progress=None,
                     with urllib.request.urlopen(url, timeout=60) as resp:
                         total = int(resp.headers.get("Content-Length") or 0) or None
                         done = 0
-                        while chunk := resp.read(1 << 18):
-                            out.write(chunk)
-                            done += len(chunk)
-                            if report:
-                                report(name, done, total)
+                        with Bar(total, f"{name}.gz", unit="B", enabled=True if bar else False) as shown:
+                            while chunk := resp.read(1 << 18):
+                                out.write(chunk)
+                                done += len(chunk)
+                                shown.update(len(chunk))
+                                if report:
+                                    report(name, done, total)
                 except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
                     raise _fail(f"Download of {name} from {url} failed: {exc}.") from None
-                finally:
-                    if bar:
-                        sys.stderr.write("\n")
             try:
                 _read(tmp, files[name])
             except DataError as exc:

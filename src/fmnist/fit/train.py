@@ -430,7 +430,7 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
                  "dataset": dataset}
     job = Job(cfg, d, budget, precision, out, data_info, ctx)
     _loop(job, st, say, on_epoch_end, quiet, max_steps)
-    return _finish(job, st, data, device, say, t_start, trust)
+    return _finish(job, st, data, device, say, t_start, trust, quiet)
 
 
 def _size_recipe(cfg: TrainConfig, d: Data, device, ctx: Context, reserve: float) -> tuple[TrainConfig, str, float]:
@@ -561,7 +561,8 @@ def _epoch_line(cfg: TrainConfig, row: dict, improved: bool) -> str:
             f"{row['seconds']:.1f}s{'  *' if improved else ''}")
 
 
-def _finish(job: Job, st: State, data, device, say, t_start: float, trust: bool = True) -> dict:
+def _finish(job: Job, st: State, data, device, say, t_start: float, trust: bool = True,
+            quiet: bool = False) -> dict:
     """The summary, and the trust fit of the kept model (the reserve the budget kept)."""
     cfg, out, best = job.cfg, job.out, st.best
     train_seconds = job.budget.elapsed()
@@ -580,7 +581,8 @@ def _finish(job: Job, st: State, data, device, say, t_start: float, trust: bool 
     from fmnist.fit.trust.fit import describe, fit_trust
 
     t_trust = time.monotonic()
-    summary["trust"] = fit_trust(out, data, device=device, val_outputs=st.val_outputs)
+    summary["trust"] = fit_trust(out, data, device=device, val_outputs=st.val_outputs,
+                                 progress=False if quiet else None)
     # what the budget kept for the fit against what it took, for the log (the reserve is a prediction)
     summary["trust_seconds"] = [time.monotonic() - t_trust, job.budget.reserve(job.budget.validation_cost())]
     summary["wall_seconds"] = time.monotonic() - t_start  # everything, the calibration/OOD fit included

@@ -66,6 +66,10 @@ def register(sub, formatter_class) -> None:
                    help="auto, cpu, cuda (or cuda:N): where trials train (default: the preset's)")
     g.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS",
                    help="SQLite and PostgreSQL: a worker silent for 3 heartbeats is dead, its trial run again")
+    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="each trial's scalars and figures as TensorBoard event files, its parameters and outcome "
+                        "in the HParams view (DIR: default STUDY/tensorboard; open with tensorboard --logdir DIR; "
+                        "needs the tensorboard extra) (default: off)")
     add_data_flags(g, threads=False)
     p.set_defaults(func=cmd_tune)
 
@@ -104,7 +108,17 @@ def settings_from_args(args):
                     prune_after=args.prune_after, timeout=args.timeout, workers=args.workers, threads=int(threads),
                     device=args.device or machine.get("device"), data_dir=args.data_dir or machine.get("data_dir"),
                     **{k: _absolute(getattr(args, k, None) or machine.get(k)) for k in ("data", "test_data", "class_names")},
-                    verify=not args.no_verify, heartbeat=args.heartbeat)
+                    verify=not args.no_verify, heartbeat=args.heartbeat, tensorboard=_tensorboard_dir(args, study))
+
+
+def _tensorboard_dir(args, study: str) -> str | None:
+    """--tensorboard's folder, absolute (workers may start elsewhere); the extra checked before any trial."""
+    if args.tensorboard is None:
+        return None
+    from fmnist.apps.tracking import summary_writer
+
+    summary_writer()
+    return _absolute(args.tensorboard or Path(args.out) / study / "tensorboard")
 
 
 def _absolute(path):

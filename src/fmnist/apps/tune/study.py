@@ -53,6 +53,7 @@ class Settings:
     class_names: str | None = None
     verify: bool = True
     heartbeat: int = 10
+    tensorboard: str | None = None  # a folder: each trial's event files in FOLDER/trial-NNNN (--tensorboard)
 
     @property
     def direction(self) -> str:
@@ -210,8 +211,15 @@ def train_trial(trial, s: Settings, data) -> float:
                          "was the storage replaced? Choose another --study or --out")
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     pruned_at: list[int] = []
+    tracker = None
+    if s.tensorboard is not None:
+        from fmnist.apps.tracking import TensorBoard
+
+        tracker = TensorBoard(Path(s.tensorboard) / trial_folder(trial.number), out)
 
     def on_epoch_end(epoch: int, row: dict) -> bool:
+        if tracker is not None:
+            tracker(epoch, row)
         trial.report(objective_value(row, s.metric), epoch)
         if trial.should_prune():
             pruned_at.append(epoch)
@@ -224,10 +232,15 @@ def train_trial(trial, s: Settings, data) -> float:
         summary = train(cfg, out=out, data=data, on_epoch_end=on_epoch_end, quiet=True)
     except TrainingDiverged as e:
         trial.set_user_attr("diverged", str(e))
+        if tracker is not None:
+            tracker.close()
         return objective_value(None, s.metric)  # the worst value: the sampler learns to stay away from it
+    value = objective_value(summary["best"], s.metric)
+    if tracker is not None:  # pruned or not, the trial left a complete run folder
+        tracker.finish(data, hparams=values, outcome={s.metric: value, "pruned": float(bool(pruned_at))})
     if pruned_at:
         raise optuna.TrialPruned(f"pruned after epoch {pruned_at[0]}")
-    return objective_value(summary["best"], s.metric)
+    return value
 
 
 def run_one(study, s: Settings, lock, data, log) -> None:

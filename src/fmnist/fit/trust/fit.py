@@ -21,6 +21,7 @@ from fmnist.core import conformal
 from fmnist.core.conformal import DEFAULT_COVERAGE
 from fmnist.core.forward import forward, probabilities
 from fmnist.core.ood import DEFAULT_PARTS, DEFAULT_TARGET, pixels01
+from fmnist.core.progress import Bar
 from fmnist.core.run import Run
 from fmnist.core.runfolder import record_complete, withdraw_complete
 from fmnist.fit.data import preprocess, split_indices
@@ -76,10 +77,12 @@ def run_outputs(run: Run, backend, images: torch.Tensor):
 
 def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAULT_PARTS,
               fit_size: int = FIT_SIZE, device=None, seed: int = 0, coverage: float = DEFAULT_COVERAGE,
-              val_outputs: tuple | None = None) -> dict:
+              val_outputs: tuple | None = None, progress: bool | None = None) -> dict:
     """Fit temperature, OOD detector and candidate sets (``coverage``) for the model in ``run_dir`` on its own
     split; return a summary. ``val_outputs``: the (features, logits) tensors of this model on the validation
-    split, computed as served (the training run's last validation in fp32), instead of computing them again."""
+    split, computed as served (the training run's last validation in fp32), instead of computing them again.
+    ``progress``: a bar of the fit's steps (None: on a terminal, a line at its start and end elsewhere; False:
+    silent)."""
     import torch
 
     from fmnist.fit.trust.calibration import calibrate
@@ -95,24 +98,31 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
     tr_labels, va_labels = data.train_labels[train_idx], data.train_labels[val_idx]
     if torch.bincount(tr_labels, minlength=num_classes).min() < 3:
         return {"skipped": "fewer than 3 training images of some class (--subset too small)"}
-    tr_feats, tr_logits, tr_pix = run_outputs(run, backend, data.train_images[train_idx])
-    if val_outputs is not None and len(val_outputs[1]) == len(val_idx):
-        (va_feats, va_logits), va_pix = val_outputs, pixels01(data.train_images[val_idx])
-    else:
-        va_feats, va_logits, va_pix = run_outputs(run, backend, data.train_images[val_idx])
-    outliers = None
-    if "outlier" in parts:
-        # as many as the training images of the fit (at most COUNT): a quick run on a subset fits quickly
-        outliers = run_outputs(run, backend, torch.from_numpy(procedural(min(OUTLIER_COUNT, len(train_idx)), seed)))
-
-    calibration = calibrate(va_logits, va_labels)
-    detector = fit_detector(tr_feats, tr_labels, tr_pix, va_feats, va_pix, num_classes,
-                            target_accept=target_accept, parts=parts, seed=seed, val_logits=va_logits,
-                            train_logits=tr_logits, outliers=outliers)
-    sets = None  # candidate sets, on the calibrated probabilities as served; too few images give no guarantee
-    if len(va_labels) >= conformal.min_calibration_size(conformal.fit_level(coverage)):
-        sets = conformal.fit(probabilities(va_logits.numpy(), calibration["temperature"]), va_labels.numpy(),
-                             coverage)
+    with Bar(5, "calibration and OOD fit", unit="step", enabled=progress) as bar:
+        bar.update(0, step="training features")
+        tr_feats, tr_logits, tr_pix = run_outputs(run, backend, data.train_images[train_idx])
+        bar.update(1, step="validation features")
+        if val_outputs is not None and len(val_outputs[1]) == len(val_idx):
+            (va_feats, va_logits), va_pix = val_outputs, pixels01(data.train_images[val_idx])
+        else:
+            va_feats, va_logits, va_pix = run_outputs(run, backend, data.train_images[val_idx])
+        bar.update(1, step="non-garments")
+        outliers = None
+        if "outlier" in parts:
+            # as many as the training images of the fit (at most COUNT): a quick run on a subset fits quickly
+            drawn = procedural(min(OUTLIER_COUNT, len(train_idx)), seed)
+            outliers = run_outputs(run, backend, torch.from_numpy(drawn))
+        bar.update(1, step="detector")
+        calibration = calibrate(va_logits, va_labels)
+        detector = fit_detector(tr_feats, tr_labels, tr_pix, va_feats, va_pix, num_classes,
+                                target_accept=target_accept, parts=parts, seed=seed, val_logits=va_logits,
+                                train_logits=tr_logits, outliers=outliers)
+        bar.update(1, step="candidate sets")
+        sets = None  # candidate sets, on the calibrated probabilities as served; too few images give no guarantee
+        if len(va_labels) >= conformal.min_calibration_size(conformal.fit_level(coverage)):
+            sets = conformal.fit(probabilities(va_logits.numpy(), calibration["temperature"]), va_labels.numpy(),
+                                 coverage)
+        bar.update(1)
     # The run is incomplete from the first write (the detector) until the manifest, written last.
     withdraw_complete(run.path)
     ood = detector.save(run.path)
