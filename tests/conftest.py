@@ -29,6 +29,17 @@ def make_synthetic(n_train: int = 1200, n_test: int = 300, seed: int = 0) -> Fas
 
 
 @pytest.fixture(autouse=True, scope="session")
+def procedural_cache(tmp_path_factory):
+    """The procedural non-garments kept on disk go to a folder of the test session, not the user's cache."""
+    from fmnist.fit.trust import outliers
+
+    before = outliers.CACHE
+    outliers.CACHE = tmp_path_factory.mktemp("procedural-cache")
+    yield outliers.CACHE
+    outliers.CACHE = before
+
+
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tests run on one thread (a shared 2-core machine: contending threads make small ops far slower).
 

@@ -385,6 +385,64 @@ def test_a_family_left_out_of_the_procedural_drawing_is_not_drawn_at_all():
         procedural(10, 0, families=())
 
 
+def test_procedural_drawings_kept_on_disk_are_the_ones_drawn(procedural_cache, monkeypatch):
+    """A drawing is read back the next time (in a new process: its in-memory copy dropped here), a damaged or
+    foreign file is drawn again, and a cache that cannot be written only costs the time of drawing."""
+    from fmnist.fit.trust import outliers
+
+    outliers._drawn.cache_clear()
+    assert not outliers.cached(30, 11)
+    first = procedural(30, 11)
+    assert outliers.cached(30, 11) and not outliers.cached(30, 12) and not outliers.cached(31, 11)
+    path = outliers._cache_file(30, 11, outliers.FAMILIES)
+    outliers._drawn.cache_clear()
+    monkeypatch.setattr(outliers, "_draw", lambda *a: pytest.fail("drawn again though kept on disk"))
+    assert np.array_equal(procedural(30, 11), first)
+    monkeypatch.undo()
+
+    for damage in (b"not an npz file", path.read_bytes()[:200]):
+        path.write_bytes(damage)
+        assert not outliers.cached(30, 11)
+        outliers._drawn.cache_clear()
+        assert np.array_equal(procedural(30, 11), first) and outliers.cached(30, 11)  # drawn again, kept again
+    np.savez(path, images=np.zeros((30, 28, 28), np.float32), kinds=np.array(["fractal"] * 30))
+    assert not outliers.cached(30, 11)  # not what this code writes: not used
+
+    monkeypatch.setattr(outliers, "CACHE", procedural_cache / "missing" / "file-not-folder")
+    (procedural_cache / "missing").write_text("a file where the folder would go")
+    outliers._drawn.cache_clear()
+    assert np.array_equal(procedural(30, 11), first) and not outliers.cached(30, 11)
+
+
+def test_the_pixel_components_are_the_principal_ones():
+    """The randomised SVD of the pixel score's fit gives the exact eigen-decomposition's variances and axes."""
+    from fmnist.fit.trust.ood_fit import _top_components
+
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.logspace(1, -2, 200, dtype=torch.float64)
+    z = torch.randn(1500, 200, generator=gen, dtype=torch.float64) * scales
+    z = z @ torch.linalg.qr(torch.randn(200, 200, generator=gen, dtype=torch.float64))[0]  # axes not the basis
+    z = z - z.mean(0)
+    var, axes = _top_components(z, 30)
+    exact_var, exact_vec = torch.linalg.eigh(z.T @ z / len(z))
+    exact_var, exact_vec = exact_var.flip(0)[:30], exact_vec.flip(1)[:, :30].T
+    assert torch.allclose(var, exact_var, rtol=1e-3)
+    assert (axes * exact_vec).sum(1).abs().min() > 0.99  # the same axes, up to sign
+    again = _top_components(z, 30)
+    assert torch.equal(again[0], var)  # repeatable
+    small_var, _ = _top_components(z[:40], 30)  # fewer rows than directions: exact
+    assert torch.allclose(small_var, torch.linalg.svdvals(z[:40])[:30] ** 2 / 40)
+
+
+def test_image_statistics_in_chunks_are_those_of_all_at_once():
+    from fmnist.core import ood
+
+    u = np.random.default_rng(0).random((2 * ood.STATS_CHUNK + 5, 28, 28), dtype=np.float32)
+    chunked = ood.image_stats(u)
+    assert chunked.shape == (len(u), ood.N_STATS)
+    assert np.array_equal(chunked[-5:], ood.image_stats(u[-5:])) and np.array_equal(chunked[:3], ood.image_stats(u[:3]))
+
+
 def test_every_leave_out_fit_lacks_the_families_of_what_it_is_measured_on():
     from fmnist.fit.trust import leave_out
     from fmnist.fit.trust.eval_sets import SETS

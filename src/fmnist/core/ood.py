@@ -108,15 +108,19 @@ def _linear_stats() -> np.ndarray:
 _LINEAR = _linear_stats()
 _LEVELS = np.array([0.125, 0.5, 0.9], np.float32)[:, None]
 N_STATS = 13  # columns of image_stats
+STATS_CHUNK = 1024
 
 
 def image_stats(u) -> np.ndarray:
     """13 statistics of (N, 28, 28) images in [0, 1] that describe *how* a garment picture looks.
 
     Few array operations on purpose (each costs microseconds, whatever the size): a served request
-    computes them for one image.
+    computes them for one image. Many images go in chunks of :data:`STATS_CHUNK`: the temporaries of 10,000 at
+    once are 100 MB of fresh memory, whose first touch cost 0.7 s more than the arithmetic on a 2-core VM.
     """
     u = _np(u).reshape(-1, 28, 28)
+    if len(u) > STATS_CHUNK:
+        return np.concatenate([image_stats(u[i:i + STATS_CHUNK]) for i in range(0, len(u), STATS_CHUNK)])
     n, eps = len(u), np.float32(1e-3)
     flat = u.reshape(n, -1)
     lin = flat @ _LINEAR                                                     # (N, 4)

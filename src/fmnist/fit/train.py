@@ -406,10 +406,10 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
     cfg, notes = fit_to_data(cfg, data, len(data.train_labels))
     d = prepare_data(cfg, data, device)
     from fmnist.fit.recipes import AUTO_MODELS
-    from fmnist.fit.trust.fit import cost_seconds
+    from fmnist.fit.trust.fit import reserve
 
     table_row = cfg.model in AUTO_MODELS
-    cfg, recipe_note, elapsed_before = _size_recipe(cfg, d, device, ctx, cost_seconds(0.0))
+    cfg, recipe_note, elapsed_before = _size_recipe(cfg, d, device, ctx, reserve(len(d.y_train))(0.0))
     cfg, more = fit_to_data(cfg, data, len(data.train_labels), table_row)  # the table's row may flip images
     notes += [n for n in more if n not in notes]
     precision = runtime.resolve_precision(cfg.precision, device, cfg.batch_size)
@@ -424,8 +424,7 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, data=None, res
         say(recipe_note)
     for note in notes:
         say(note)
-    budget = TimeBudget(cfg.time_budget, len(d.y_val), cfg.tta, lambda v: cost_seconds(v, precision),
-                        elapsed_before)
+    budget = TimeBudget(cfg.time_budget, len(d.y_val), cfg.tta, reserve(len(d.y_train), precision), elapsed_before)
     data_info = {"source": getattr(data, "source", None), "checksums": getattr(data, "checksums", {}),
                  "dataset": dataset}
     job = Job(cfg, d, budget, precision, out, data_info, ctx)

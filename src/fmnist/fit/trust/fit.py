@@ -26,7 +26,7 @@ from fmnist.core.run import Run
 from fmnist.core.runfolder import record_complete, withdraw_complete
 from fmnist.fit.data import preprocess, split_indices
 from fmnist.fit.trust.outliers import COUNT as OUTLIER_COUNT
-from fmnist.fit.trust.outliers import procedural
+from fmnist.fit.trust.outliers import cached, procedural
 
 if TYPE_CHECKING:  # PyTorch is imported where a fit runs: the command line reads this module's settings without it
     import torch
@@ -34,22 +34,32 @@ if TYPE_CHECKING:  # PyTorch is imported where a fit runs: the command line read
 FIT_SIZE = 10_000  # training images that fit the OOD statistics (stratified sample): as good as 20,000, faster
 # What the fit costs, for a time budget to keep in hand (fmnist.fit.train): 2.4 validation passes' worth of model
 # time (features of FIT_SIZE training images, the validation images and 2,000 procedural non-garments: 2.2, and a
-# margin the measurements below asked for) plus up to 11.5 s of drawing those and fitting statistics on a 2-core
-# CPU (measured: 6.2 s after s2d-32 on a Zen 5; 13.8 s in all after air-16 on a Zen 3, 1.5 s of it model time).
-# The slowest machine sets the figure: a reserve too small makes the run end late, one too large costs a few
-# seconds of training. The fit runs the model as it is served, in fp32: after a training run validated in bf16
-# each pass costs about twice as much.
-COST_FIXED_SECONDS = 11.5
+# margin the measurements asked for), COST_FIXED_SECONDS of fitting statistics on a 2-core CPU, and
+# DRAW_SECONDS more where the procedural non-garments are not on disk yet (fmnist.fit.trust.outliers.CACHE).
+# Measured on a 2-core AVX2 Zen 3 (docs/results.md): the slowest machine sets the figure, since a reserve too
+# small makes the run end late, and one too large costs a few seconds of training. The fit runs the model as it
+# is served, in fp32: after a training run validated in bf16 each pass costs about twice as much.
+COST_FIXED_SECONDS = 5.0
+DRAW_SECONDS = 5.0
 COST_PER_VALIDATION = 2.4
 FP32_OVER_BF16 = 2.0
 
 
-def cost_seconds(validation_seconds: float, precision: str = "fp32") -> float:
-    """Predicted seconds of :func:`fit_trust`, given what one validation pass costs in ``precision``. In fp32 the
-    training run hands the fit its last validation outputs (``val_outputs``): one pass fewer."""
+def cost_seconds(validation_seconds: float, precision: str = "fp32", drawn: bool = False) -> float:
+    """Predicted seconds of :func:`fit_trust`, given what one validation pass costs in ``precision`` and whether
+    the non-garments are ``drawn`` already (:func:`fmnist.fit.trust.outliers.cached`). In fp32 the training run
+    hands the fit its last validation outputs (``val_outputs``): one pass fewer."""
+    fixed = COST_FIXED_SECONDS + (0.0 if drawn else DRAW_SECONDS)
     if precision in ("bf16", "fp16"):
-        return COST_FIXED_SECONDS + COST_PER_VALIDATION * validation_seconds * FP32_OVER_BF16
-    return COST_FIXED_SECONDS + (COST_PER_VALIDATION - 1) * validation_seconds
+        return fixed + COST_PER_VALIDATION * validation_seconds * FP32_OVER_BF16
+    return fixed + (COST_PER_VALIDATION - 1) * validation_seconds
+
+
+def reserve(train_images: int, precision: str = "fp32"):
+    """:func:`cost_seconds` for a run of ``train_images`` training images (the fit's defaults): a function of the
+    validation pass's seconds, for the time budget."""
+    drawn = cached(min(OUTLIER_COUNT, train_images, FIT_SIZE))
+    return lambda validation_seconds: cost_seconds(validation_seconds, precision, drawn)
 
 
 def stratified_sample(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:

@@ -28,14 +28,26 @@ None of the images of ``fmnist ood-eval`` (:mod:`fmnist.fit.trust.eval_sets`) is
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import tempfile
+import zipfile
+from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image
 
+from fmnist.core import preprocess
 from fmnist.core.preprocess import is_blank, to_dataset_format
+from fmnist.fit.data import CACHE_DIR
 
 SIZES = (32, 48, 64, 96)  # drawn sizes: to_dataset_format then shrinks them to at most 28 px
 COUNT = 2_000  # what the fit draws: 3,000 or 6,000 refused the same sets within 0.5 points, and each costs time
+# Drawings kept on disk between runs (about 1.6 MB each): drawing 2,000 takes 4-5 s of a one-minute run on a
+# 2-core laptop CPU. A file is named by everything its images depend on (this module's and the preprocessing's
+# code, NumPy's and Pillow's versions, the arguments), so a change to any of them draws afresh.
+CACHE = CACHE_DIR / "procedural"
 
 
 def fractal(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -156,8 +168,9 @@ def procedural(n: int = COUNT, seed: int = 0, families=FAMILIES) -> np.ndarray:
     """``n`` non-garments as uint8 (n, 28, 28) images in the data set's format, none blank; repeatable by seed.
     The named ``families`` take turns (so each gives about n / len(families) images).
 
-    A fresh copy of a drawing kept for the next call with the same arguments (drawing 2,000 takes about 1.6 s on
-    a 2-core CPU; a tuning study fits one detector per trial)."""
+    A fresh copy of a drawing kept for the next call with the same arguments, in this process and on disk
+    (:data:`CACHE`; drawing 2,000 takes 4-5 s on a 2-core laptop CPU; a tuning study fits one detector per
+    trial)."""
     return drawn(n, seed, families)[0].copy()
 
 
@@ -170,8 +183,67 @@ def drawn(n: int, seed: int = 0, families=FAMILIES) -> tuple[np.ndarray, tuple[s
     return _drawn(int(n), int(seed), families)
 
 
+def cached(n: int = COUNT, seed: int = 0, families=FAMILIES) -> bool:
+    """Whether :func:`procedural` (n, seed, families) will read its images instead of drawing them (a time
+    budget keeps less in hand then)."""
+    return _read_cache(_cache_file(int(n), int(seed), tuple(families))) is not None
+
+
+@functools.cache
+def _code_key() -> str:
+    h = hashlib.sha256()
+    for module in (__file__, preprocess.__file__):
+        h.update(Path(module).read_bytes())
+    h.update(f"numpy {np.__version__} pillow {PIL.__version__}".encode())
+    return h.hexdigest()
+
+
+def _cache_file(n: int, seed: int, families: tuple[str, ...]) -> Path:
+    key = hashlib.sha256(f"{_code_key()} {n} {seed} {','.join(families)}".encode()).hexdigest()[:24]
+    return CACHE / f"procedural-{key}.npz"
+
+
+def _read_cache(path: Path) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """The kept drawing, or None when there is none or it is not what this code writes (then it is drawn again)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images, kinds = f["images"], tuple(str(k) for k in f["kinds"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28) or len(kinds) != len(images) \
+            or not set(kinds) <= set(FAMILIES):
+        return None
+    return images, kinds
+
+
+def _write_cache(path: Path, images: np.ndarray, kinds: tuple[str, ...]) -> None:
+    """Atomically, or not at all (a read-only or full disk only means drawing again next time)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".procedural-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, images=images, kinds=np.array(kinds, dtype="U16"))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass
+
+
 @functools.lru_cache(maxsize=8)
 def _drawn(n: int, seed: int, families: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
+    path = _cache_file(n, seed, families)
+    kept = _read_cache(path)
+    if kept is not None and len(kept[0]) == n:
+        return kept
+    images, kinds = _draw(n, seed, families)
+    _write_cache(path, images, kinds)
+    return images, kinds
+
+
+def _draw(n: int, seed: int, families: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
     rng = np.random.default_rng([seed, 0x0D])
     out, kinds = [], []
     while len(out) < n:
