@@ -91,8 +91,8 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
     """Fit temperature, OOD detector and candidate sets (``coverage``) for the model in ``run_dir`` on its own
     split; return a summary. ``val_outputs``: the (features, logits) tensors of this model on the validation
     split, computed as served (the training run's last validation in fp32), instead of computing them again.
-    ``progress``: a bar of the fit's steps (None: on a terminal, a line at its start and end elsewhere; False:
-    silent)."""
+    ``progress``: a bar of the fit's steps (None: on a terminal only, the log has the fit's own line; False:
+    never)."""
     import torch
 
     from fmnist.fit.trust.calibration import calibrate
@@ -108,7 +108,7 @@ def fit_trust(run_dir, data, target_accept: float = DEFAULT_TARGET, parts=DEFAUL
     tr_labels, va_labels = data.train_labels[train_idx], data.train_labels[val_idx]
     if torch.bincount(tr_labels, minlength=num_classes).min() < 3:
         return {"skipped": "fewer than 3 training images of some class (--subset too small)"}
-    with Bar(5, "calibration and OOD fit", unit="step", enabled=progress) as bar:
+    with Bar(5, "calibration and OOD fit", unit="step", enabled=progress, plain=False) as bar:
         bar.update(0, step="training features")
         tr_feats, tr_logits, tr_pix = run_outputs(run, backend, data.train_images[train_idx])
         bar.update(1, step="validation features")
