@@ -186,7 +186,7 @@ def drawn(n: int, seed: int = 0, families=FAMILIES) -> tuple[np.ndarray, tuple[s
 def cached(n: int = COUNT, seed: int = 0, families=FAMILIES) -> bool:
     """Whether :func:`procedural` (n, seed, families) will read its images instead of drawing them (a time
     budget keeps less in hand then)."""
-    return _read_cache(_cache_file(int(n), int(seed), tuple(families))) is not None
+    return _read_cache(_cache_file(int(n), int(seed), tuple(families)), int(n)) is not None
 
 
 @functools.cache
@@ -203,14 +203,14 @@ def _cache_file(n: int, seed: int, families: tuple[str, ...]) -> Path:
     return CACHE / f"procedural-{key}.npz"
 
 
-def _read_cache(path: Path) -> tuple[np.ndarray, tuple[str, ...]] | None:
+def _read_cache(path: Path, n: int) -> tuple[np.ndarray, tuple[str, ...]] | None:
     """The kept drawing, or None when there is none or it is not what this code writes (then it is drawn again)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             images, kinds = f["images"], tuple(str(k) for k in f["kinds"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28) or len(kinds) != len(images) \
+    if images.dtype != np.uint8 or images.shape != (n, 28, 28) or len(kinds) != n \
             or not set(kinds) <= set(FAMILIES):
         return None
     return images, kinds
@@ -235,8 +235,8 @@ def _write_cache(path: Path, images: np.ndarray, kinds: tuple[str, ...]) -> None
 @functools.lru_cache(maxsize=8)
 def _drawn(n: int, seed: int, families: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
     path = _cache_file(n, seed, families)
-    kept = _read_cache(path)
-    if kept is not None and len(kept[0]) == n:
+    kept = _read_cache(path, n)
+    if kept is not None:
         return kept
     images, kinds = _draw(n, seed, families)
     _write_cache(path, images, kinds)
